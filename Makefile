@@ -1,0 +1,51 @@
+# Two commands on a fresh machine: `make run` (the default study) and `make test`.
+# Everything is installed into .venv by the project itself (pins in pyproject.toml).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+SLURM  := tests/slurm/cluster.sh
+
+.PHONY: setup run test test-unit test-slurm lint bench clean-results
+
+# --- environment: create .venv when missing, (re)install when pyproject.toml changes
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# --- the main job: the embedded default study on the CPU, no downloads
+run: setup
+	$(VENV)/bin/scm info sizes --dataset imagenet512
+	$(VENV)/bin/scm bench step --sizes tS tM tL --repeats 3
+
+# --- tests: everything but the SLURM tests, then the SLURM tests against a real local cluster
+test: setup
+	$(PY) -m pytest -q -m "not slurm and not gpu" tests
+	$(MAKE) --no-print-directory test-slurm
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+# Brings the cluster up (installs Debian's SLURM when missing), always brings it down again.
+# Where it cannot come up (not root, not Debian: exit 3) the tests skip, except under CI=true.
+test-slurm: setup
+	@if [ ! -x $(SLURM) ]; then echo "no $(SLURM): skipping SLURM tests"; exit 0; fi; \
+	trap 'bash $(SLURM) down >/dev/null 2>&1 || true' EXIT; \
+	bash $(SLURM) up; rc=$$?; \
+	if [ $$rc -eq 3 ] && [ "$${CI:-}" != "true" ]; then echo "SLURM cluster unavailable here: skipping"; exit 0; fi; \
+	if [ $$rc -ne 0 ]; then echo "SLURM cluster failed to start (exit $$rc)"; exit 1; fi; \
+	$(PY) -m pytest -q -m slurm tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+lint: setup
+	$(VENV)/bin/ruff check scm tests
+
+bench: setup
+	$(VENV)/bin/scm bench step
+
+clean-results:
+	find results -mindepth 1 -maxdepth 1 ! -name reference -exec rm -rf {} +

@@ -1,0 +1,444 @@
+"""Configuration: dataclasses, the preset table, strict dotted overrides.
+
+One source of truth for every hyperparameter: the field defaults below plus PRESETS (method.md §6).
+Ablations, sweeps and the CLI only override fields by dotted key (`loss.tangent_norm=clip`).
+Each field carries metadata: `help` (documentation, also exported to the JSON schema), and
+optionally `choices`, `min`, `max`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key and what is allowed."""
+
+
+def opt(default, help: str, choices=None, min=None, max=None):
+    """A dataclass field with documentation and validation metadata."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------
+# The sections of a run configuration.
+
+
+@dataclass
+class DataConfig:
+    name: str = opt("shapes", "Dataset: the embedded 'shapes' set, 'gmm', 'cifar10', or an EDM2 ZIP ('zip').",
+                    choices=["shapes", "gmm", "cifar10", "imagenet64", "imagenet512", "zip"])
+    path: str = opt("", "Dataset location (ZIP file or folder) for real datasets; empty for embedded ones.")
+    resolution: int = opt(16, "Image side length in pixels (latent side length for latents).", min=2)
+    channels: int = opt(3, "Channels of the data (3 for RGB, 4 for SD-VAE latents).", min=1)
+    label_dim: int = opt(8, "Number of classes; 0 = unconditional.", min=0)
+    num_images: int = opt(2048, "Size of the embedded dataset (shapes/gmm).", min=1)
+    latent_mean: list = opt([], "Per-channel mean of latents (imagenet512: [1.56, -0.695, 0.483, 0.729]).")
+    latent_std: list = opt([], "Per-channel std of latents (imagenet512: [5.27, 5.91, 4.21, 4.31]).")
+    xflip: bool = opt(False, "Augment with horizontal flips.")
+
+
+@dataclass
+class NetworkConfig:
+    model_channels: int = opt(12, "Base width of the U-Net (EDM2 S/M/L/XL/XXL = 192/256/320/384/448).", min=1)
+    channel_mult: list = opt([1, 2, 3, 4], "Width multiplier per resolution level (EDM2: [1, 2, 3, 4]).")
+    channel_mult_emb: int = opt(4, "Embedding width = model_channels x this.", min=1)
+    num_blocks: int = opt(3, "Residual blocks per resolution level (EDM2: 3).", min=1)
+    attn_resolutions: list = opt([16, 8], "Resolutions with self-attention (EDM2: [16, 8]).")
+    channels_per_head: int = opt(64, "Channels per attention head.", min=1)
+    dropout: float = opt(0.0, "Dropout probability in residual blocks.", min=0.0, max=1.0)
+    label_dropout: float = opt(0.0, "Probability of dropping the class label (for CFG teachers: 0.1).",
+                               min=0.0, max=1.0)
+    time_embedding: str = opt("positional", "Time embedding: sinusoidal positional (sCM) or random Fourier (EDM).",
+                              choices=["positional", "fourier"])
+    time_embedding_scale: float = opt(1.0, "Frequency scale of the time embedding (Fourier: 16 in EDM/NCSN++; "
+                                           "sCM needs a small one).", min=0.0)
+    c_noise: str = opt("t", "Time conditioning c_noise(t): t (sCM), log_sigma = log(sigma_d tan t) (EDM), 1000t.",
+                       choices=["t", "log_sigma", "1000t"])
+    adagn: str = opt("double", "Adaptive group norm: double (pixel-normed scale and shift, sCM) or plain.",
+                     choices=["double", "plain"])
+    guidance_input: bool = opt(False, "Add a guidance-scale input (CFG distillation).")
+    attention: str = opt("math", "Attention implementation: math (N x N) or blockwise (online softmax, O(N) JVP).",
+                         choices=["math", "blockwise"])
+    attn_block_size: int = opt(64, "Key/query block size of blockwise attention.", min=1)
+    logvar_channels: int = opt(128, "Width of the Fourier features of the adaptive-weighting head w_phi(t).", min=1)
+
+
+@dataclass
+class LossConfig:
+    P_mean: float = opt(-1.0, "Mean of log(sigma) of the time proposal: t = arctan(exp(tau) / sigma_d).")
+    P_std: float = opt(1.4, "Std of log(sigma) of the time proposal.", min=0.0)
+    tangent_warmup: bool = opt(True, "Tangent warmup: r = min(1, step / warmup_iters) on the second term of g.")
+    warmup_iters: int = opt(10000, "Tangent warmup length H in iterations.", min=0)
+    tangent_norm: str = opt("l2", "Tangent normalization: g / (||g|| + c) with plain L2 over all non-batch dims "
+                                  "(l2), or RMS = L2/sqrt(D) (rms); clip g to [-1, 1] (clip); none.",
+                            choices=["l2", "rms", "clip", "none"])
+    tangent_norm_c: float = opt(0.1, "The constant c of tangent normalization.", min=0.0)
+    adaptive_weighting: bool = opt(True, "Learned adaptive weighting w_phi(t); off means w = 0.")
+    jvp_rearrangement: bool = opt(True, "JVP with tangents (cos t sin t dx/dt, cos t sin t sigma_d) (FP16-safe).")
+    jvp_impl: str = opt("manual", "JVP engine: hand-propagated tangents sharing the primal (manual) or torch.func.jvp.",
+                        choices=["manual", "func"])
+    time: str = opt("continuous", "Continuous-time tangent (JVP) or discrete-time finite difference with N steps.",
+                    choices=["continuous", "discrete"])
+    discrete_steps: int = opt(1024, "N of the discrete-time variant: step dt = (pi/2) / N.", min=1)
+    guidance_min: float = opt(1.0, "sCD with CFG: guidance scale s ~ U[guidance_min, guidance_max].", min=0.0)
+    guidance_max: float = opt(1.0, "Upper end of the sampled guidance scale (1.0 = no guidance).", min=0.0)
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("adam", "Optimizer.", choices=["adam", "radam"])
+    lr: float = opt(1e-2, "Peak learning rate.", min=0.0)
+    beta1: float = opt(0.9, "Adam beta1.", min=0.0, max=1.0)
+    beta2: float = opt(0.99, "Adam beta2.", min=0.0, max=1.0)
+    eps: float = opt(1e-8, "Adam epsilon.", min=0.0)
+    lr_ref_iters: int = opt(0, "EDM2 inverse-sqrt decay: lr / sqrt(max(step / t_ref, 1)); 0 = constant.", min=0)
+    lr_rampup_kimg: float = opt(0.0, "Linear learning-rate ramp-up in kimg.", min=0.0)
+    grad_clip: float = opt(0.0, "Clip the global gradient norm to this value; 0 = off.", min=0.0)
+
+
+@dataclass
+class EMAConfig:
+    kind: str = opt("power", "EMA: EDM2 power function (sigma_rel) or half-life in kimg.",
+                    choices=["power", "halflife", "none"])
+    sigma_rel: float = opt(0.05, "Relative std of the power-function EMA profile (EDM2).", min=0.0, max=0.28)
+    halflife_kimg: float = opt(500.0, "EMA half-life in thousands of images.", min=0.0)
+    rampup: float = opt(0.05, "Half-life EMA: cap the half-life at rampup x images seen; 0 = off.", min=0.0)
+
+
+@dataclass
+class SamplerConfig:
+    sigma_max: float = opt(80.0, "Starting noise level: t_max = arctan(sigma_max / sigma_d).", min=0.0)
+    t_mid: float = opt(1.1, "Intermediate time of 2-step consistency sampling (TrigFlow units).",
+                       min=0.0, max=math.pi / 2)
+    teacher_solver: str = opt("dpm2s", "Teacher PF-ODE solver.", choices=["euler", "heun", "dpm2s"])
+    teacher_steps: int = opt(32, "Teacher solver steps (DPM-Solver-2S: NFE = 2 x steps - 1).", min=1)
+    guidance: float = opt(1.0, "Classifier-free guidance scale at sampling (1.0 = none).", min=0.0)
+
+
+@dataclass
+class RunConfig:
+    method: str = opt("teacher", "What to train: the TrigFlow teacher, sCT (from scratch) or sCD (distillation).",
+                      choices=["teacher", "sct", "scd"])
+    size: str = opt("tS", "Model size: a key of scm.config.SIZES.")
+    seed: int = opt(0, "Random seed.", min=0)
+    batch_size: int = opt(64, "Global batch size.", min=1)
+    total_kimg: float = opt(64.0, "Training length in thousands of images.", min=0.0)
+    precision: str = opt("fp32", "Autocast precision.", choices=["fp32", "bf16", "fp16"])
+    device: str = opt("auto", "Device: auto, cpu, cuda.", choices=["auto", "cpu", "cuda"])
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default; 1 when several runs share a machine).",
+                       min=0)
+    teacher_run_dir: str = opt("", "sCD: run directory of the finished teacher.")
+    checkpoint_kimg: float = opt(16.0, "Checkpoint every this many kimg.", min=0.0)
+    keep_checkpoints: int = opt(2, "Keep the last K checkpoints.", min=1)
+    log_kimg: float = opt(1.0, "Write a stats line every this many kimg.", min=0.0)
+    max_bad_batches: int = opt(0, "Skip up to this many NaN/Inf batches before failing.", min=0)
+    eval_kimg: float = opt(0.0, "Report FID during training every this many kimg (sweeps); 0 = off.", min=0.0)
+
+
+@dataclass
+class Config:
+    sigma_d: float = opt(0.5, "Data standard deviation sigma_d (TrigFlow).", min=0.0)
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset."})
+    network: NetworkConfig = field(default_factory=NetworkConfig, metadata={"help": "U-Net."})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "Training objective."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
+    ema: EMAConfig = field(default_factory=EMAConfig, metadata={"help": "Exponential moving average."})
+    sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "Sampling."})
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run settings."})
+
+
+# ----------------------------------------------------------------------------
+# Model sizes: EDM2's ladder (method.md §6) and a CPU ladder of the same shape (1/16 of the width).
+
+SIZES: dict[str, int] = {
+    "S": 192, "M": 256, "L": 320, "XL": 384, "XXL": 448,
+    "tS": 12, "tM": 16, "tL": 20, "tXL": 24, "tXXL": 28,
+}
+PAPER_SIZES = ["S", "M", "L", "XL", "XXL"]
+CPU_SIZES = ["tS", "tM", "tL", "tXL", "tXXL"]
+
+# ----------------------------------------------------------------------------
+# Datasets: shape of the data and the settings that come with it.
+
+DATASETS: dict[str, dict[str, Any]] = {
+    # Small images keep EDM2's shape: attention at the two lowest resolutions (EDM2 at 64x64: 16 and 8).
+    "shapes": {"data.resolution": 16, "data.channels": 3, "data.label_dim": 8,
+               "network.attn_resolutions": [4, 2]},
+    "gmm": {"data.resolution": 4, "data.channels": 1, "data.label_dim": 0,
+            "network.channel_mult": [1, 2], "network.attn_resolutions": [2]},
+    "cifar10": {"data.resolution": 32, "data.channels": 3, "data.label_dim": 0, "data.xflip": True},
+    "imagenet64": {"data.resolution": 64, "data.channels": 3, "data.label_dim": 1000},
+    "imagenet512": {"data.resolution": 64, "data.channels": 4, "data.label_dim": 1000,
+                    "data.latent_mean": [1.56, -0.695, 0.483, 0.729],
+                    "data.latent_std": [5.27, 5.91, 4.21, 4.31]},
+}
+
+# ----------------------------------------------------------------------------
+# PRESETS: one line per (dataset, size) with the paper's hyperparameters (method.md §6).
+# teacher_lr: teacher learning rate; the CM learning rate is teacher_lr x cm_lr_factor (paper: 0.01).
+# P: (P_mean, P_std) for teacher and CM; iters: training iterations per method; dropout: teacher (sCT) value.
+
+_P = ("teacher_P", "cm_P", "teacher_lr", "cm_lr_factor", "batch", "iters", "dropout", "extra")
+PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    # CIFAR-10 (DDPM++-like width; Adam 1e-3 teacher, RAdam 1e-4 CM, half-life EMA 0.5 Mimg).
+    ("cifar10", "S"): dict(zip(_P, ((-1.2, 1.2), (-1.0, 1.4), 1e-3, 0.1, 512,
+                                    {"teacher": 400_000, "sct": 400_000, "scd": 400_000}, 0.13,
+                                    {"network.model_channels": 128, "network.channel_mult": [2, 2, 2],
+                                     "network.num_blocks": 4, "network.attn_resolutions": [16],
+                                     "optim.beta2": 0.999, "ema.kind": "halflife", "ema.halflife_kimg": 500.0,
+                                     "sampler.teacher_steps": 18, "cm.optim.name": "radam", "cm.optim.beta2": 0.99,
+                                     "cm.network.dropout.sct": 0.20, "cm.network.dropout.scd": 0.0}))),
+}
+for _size, _lr in zip(PAPER_SIZES[:4], (1e-2, 9e-3, 8e-3, 7e-3)):
+    # ImageNet 64x64: EDM2 config, Adam eps 1e-11, betas (0.9, 0.99), batch 2048, t_ref 35k.
+    PRESETS[("imagenet64", _size)] = dict(zip(_P, (
+        (-0.8, 1.6), (-1.0, 1.6), _lr, 0.01, 2048, {"teacher": 400_000, "sct": 400_000, "scd": 400_000}, 0.0,
+        {"optim.eps": 1e-11, "optim.lr_ref_iters": 35_000, "sampler.teacher_steps": 32})))
+for _size, _lr, _drop in zip(PAPER_SIZES, (1e-2, 9e-3, 8e-3, 7e-3, 6.5e-3), (0.0, 0.1, 0.1, 0.1, 0.1)):
+    # ImageNet 512x512 latents: t_ref 70k, sCT 100k / sCD 200k iters, CFG distillation s ~ U[1, 2].
+    PRESETS[("imagenet512", _size)] = dict(zip(_P, (
+        (-0.4, 1.0), (-0.8, 1.6), _lr, 0.01, 2048, {"teacher": 400_000, "sct": 100_000, "scd": 200_000}, _drop,
+        {"optim.eps": 1e-11, "optim.lr_ref_iters": 70_000, "sampler.teacher_steps": 32,
+         "network.label_dropout": 0.1, "sampler.guidance": 1.4,
+         "cm.loss.guidance_min": 1.0, "cm.loss.guidance_max": 2.0, "cm.network.guidance_input": True})))
+for _size in CPU_SIZES:
+    # The embedded CPU study: same recipe, small batch, short runs, faster CM learning rate.
+    for _ds in ("shapes", "gmm"):
+        PRESETS[(_ds, _size)] = dict(zip(_P, (
+            (-0.8, 1.6), (-1.0, 1.6), 1e-2, 0.1, 64, {"teacher": 2000, "sct": 1000, "scd": 1000}, 0.0,
+            {"optim.lr_ref_iters": 1000, "loss.warmup_iters": 200, "ema.sigma_rel": 0.1,
+             "sampler.teacher_steps": 16, "run.checkpoint_kimg": 16.0})))
+
+
+def preset_overrides(dataset: str, size: str, method: str) -> dict[str, Any]:
+    """Dotted overrides that PRESETS implies for (dataset, size, method)."""
+    if (dataset, size) not in PRESETS:
+        known = sorted({s for d, s in PRESETS if d == dataset})
+        raise ConfigError(f"no preset for dataset={dataset!r} size={size!r}; sizes for {dataset!r}: {known}")
+    p = PRESETS[(dataset, size)]
+    cm = method != "teacher"
+    P_mean, P_std = p["cm_P"] if cm else p["teacher_P"]
+    lr = p["teacher_lr"] * (p["cm_lr_factor"] if cm else 1.0)
+    out: dict[str, Any] = {
+        "data.name": dataset, **DATASETS[dataset],
+        "network.model_channels": SIZES[size], "run.size": size, "run.method": method,
+        "loss.P_mean": P_mean, "loss.P_std": P_std, "optim.lr": lr, "run.batch_size": p["batch"],
+        "run.total_kimg": p["iters"][method] * p["batch"] / 1000, "network.dropout": p["dropout"],
+    }
+    if cm:
+        out["optim.lr_ref_iters"] = 0  # CMs train at a constant learning rate (no schedule)
+    for key, value in p["extra"].items():
+        if key.startswith("cm."):  # CM-only settings; per-method ones end in .sct / .scd
+            if not cm:
+                continue
+            key = key[3:]
+            if key.endswith((".sct", ".scd")):
+                key, which = key.rsplit(".", 1)
+                if which != method:
+                    continue
+        elif cm and key == "optim.lr_ref_iters":
+            continue
+        out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Overrides: dotted keys, parsed and validated against the dataclass fields.
+
+
+def _fields(obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _resolve_type(cls, f: dataclasses.Field):
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def _parse_value(key: str, raw: Any, typ) -> Any:
+    """Parse a raw value (a string from the command line, or a YAML scalar) to the field's type."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(raw, str) and raw.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {raw!r}")
+    if typ is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ConfigError(f"{key}: expected an integer, got {raw!r}")
+        try:
+            return int(float(raw)) if isinstance(raw, str) and "e" in raw.lower() else int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {raw!r}") from None
+    if typ is float:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key}: expected a number, got {raw!r}")
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
+    if typ is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{key}: expected a string, got {raw!r}")
+        return raw
+    if typ is list or origin is list:
+        if isinstance(raw, str):
+            text = raw.strip()
+            if text.startswith("["):
+                try:
+                    raw = json.loads(text)
+                except json.JSONDecodeError:
+                    raise ConfigError(f"{key}: expected a list like [1, 2], got {raw!r}") from None
+            else:
+                raw = [s for s in text.split(",") if s.strip()]
+                raw = [float(s) if any(c in s for c in ".e") else int(s) for s in raw]
+        if not isinstance(raw, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {raw!r}")
+        return list(raw)
+    raise ConfigError(f"{key}: unsupported type {typ}")  # pragma: no cover
+
+
+def _check_range(key: str, value: Any, f: dataclasses.Field) -> None:
+    m = f.metadata
+    if m.get("choices") is not None and value not in m["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {m['choices']}")
+    if m.get("min") is not None and value < m["min"]:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {m['min']}")
+    if m.get("max") is not None and value > m["max"]:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {m['max']}")
+
+
+def apply_override(cfg: Config, key: str, raw: Any) -> None:
+    """Set one dotted key (e.g. 'loss.tangent_norm') on cfg, parsing and validating the value."""
+    parts = key.split(".")
+    obj = cfg
+    for i, name in enumerate(parts):
+        fields = _fields(obj)
+        if name not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(f"unknown config key {key!r}: {where} has no field {name!r}; "
+                              f"known: {sorted(fields)}")
+        f = fields[name]
+        if i < len(parts) - 1:
+            obj = getattr(obj, name)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:i + 1])} is not a section")
+            continue
+        typ = _resolve_type(type(obj), f)
+        if dataclasses.is_dataclass(typ):
+            example = dataclasses.fields(typ)[0].name
+            raise ConfigError(f"{key} is a section; set one of its fields, e.g. {key}.{example}")
+        value = _parse_value(key, raw, typ)
+        _check_range(key, value, f)
+        setattr(obj, name, value)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict (as from YAML) -> dotted keys; lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """['a.b=1', ...] -> {'a.b': '1'}; a missing '=' is an error."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. loss.tangent_norm=clip)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that single fields cannot express."""
+    if cfg.run.size not in SIZES:
+        raise ConfigError(f"run.size: {cfg.run.size!r} is not a known size; choose one of {list(SIZES)}")
+    if cfg.loss.guidance_max < cfg.loss.guidance_min:
+        raise ConfigError("loss.guidance_max must be >= loss.guidance_min")
+    if cfg.run.method == "scd" and cfg.loss.guidance_max > 1.0 and not cfg.network.guidance_input:
+        raise ConfigError("loss.guidance_max > 1 needs network.guidance_input=true")
+    for key in ("channel_mult", "attn_resolutions"):
+        values = getattr(cfg.network, key)
+        if not values or not all(isinstance(v, int) and v > 0 for v in values):
+            raise ConfigError(f"network.{key}: expected a non-empty list of positive integers, got {values!r}")
+    if cfg.data.resolution % (2 ** (len(cfg.network.channel_mult) - 1)):
+        raise ConfigError(f"data.resolution={cfg.data.resolution} must be divisible by "
+                          f"2^(len(network.channel_mult) - 1) = {2 ** (len(cfg.network.channel_mult) - 1)}")
+    return cfg
+
+
+def resolve(dataset: str = "shapes", size: str = "tS", method: str = "teacher",
+            overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then PRESETS[(dataset, size)] for the method, then user overrides (dotted keys)."""
+    overrides = dict(overrides or {})
+    cfg = Config()
+    for key, value in preset_overrides(dataset, size, method).items():
+        apply_override(cfg, key, value)
+    for key, value in overrides.items():
+        apply_override(cfg, key, value)
+    return validate(cfg)
+
+
+def resolve_from_dict(d: dict[str, Any], extra: dict[str, Any] | None = None) -> Config:
+    """Resolve a config file's contents: `dataset`, `size`, `method` pick the preset; the rest are overrides."""
+    flat = flatten(d)
+    flat.update(extra or {})
+    dataset = flat.pop("data.name", flat.pop("dataset", "shapes"))
+    size = flat.pop("run.size", flat.pop("size", "tS"))
+    method = flat.pop("run.method", flat.pop("method", "teacher"))
+    return resolve(str(dataset), str(size), str(method), flat)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Inverse of to_dict (strict: unknown keys are errors)."""
+    cfg = Config()
+    for key, value in flatten(d).items():
+        apply_override(cfg, key, value)
+    return validate(cfg)
+
+
+def config_hash(cfg: Config) -> str:
+    """Short stable hash of the resolved config (for run.json and cache keys)."""
+    text = json.dumps(to_dict(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def field_docs(cls=Config, prefix: str = "") -> list[dict[str, Any]]:
+    """Every field as {key, type, default, help, choices, min, max} (for schemas and docs)."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        typ = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(typ):
+            rows += field_docs(typ, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name = typ.__name__ if isinstance(typ, type) else str(typ)
+        if isinstance(typ, types.GenericAlias):
+            name = "list"
+        rows.append({"key": prefix + f.name, "type": name, "default": default, **f.metadata})
+    return rows
