@@ -143,6 +143,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1024
 MinJobAge=300
+# A requeued or cancelled job step gets SIGKILL 2 s after SIGTERM (default 30 s), so requeue tests are quick.
+KillWait=2
 ReturnToService=2
 SlurmctldParameters=preempt_send_user_signal
 JobAcctGatherType=jobacct_gather/linux

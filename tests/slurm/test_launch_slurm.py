@@ -44,7 +44,7 @@ def test_tiny_training_on_slurm_completes(slurm_cluster, tmp_path):
 
 
 def test_scontrol_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):
-    cfg = C.resolve_from_dict(TINY)
+    cfg = C.resolve_from_dict(TINY, {"run.total_kimg": 6.4})  # 400 steps: longer than the kill grace
     run_dir = tmp_path / "run"
     job = submit(cfg, run_dir, "slurm", get_profile(ROOT / "config" / "clusters.yaml", "test"))
     deadline = time.time() + 300
@@ -54,11 +54,11 @@ def test_scontrol_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):
     # a bare requeue sends no signal: the job restarts and must resume from its newest checkpoint
     subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True)
     status = wait(job, run_dir, poll_s=1)
-    assert status["state"] == "completed" and status["step"] == 100
+    assert status["state"] == "completed" and status["step"] == 400
     logs = "".join(p.read_text() for p in run_dir.glob("jobs/*/*_log.err"))
     assert "resumed from" in logs
     steps = [json.loads(line)["step"] for line in (run_dir / "stats.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 100
+    assert steps == sorted(set(steps)) and steps[-1] == 400
 
 
 def test_killed_waiter_reattaches_instead_of_resubmitting(slurm_cluster, tmp_path):

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from scm.checkpoint import (CheckpointError, checkpoint_path, latest_valid_checkpoint, list_checkpoints,
-                            load_checkpoint, prune_checkpoints, save_checkpoint)
+from scm.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 
 
 def test_round_trip_and_checksum(tmp_path):
