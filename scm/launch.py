@@ -212,7 +212,8 @@ def wait(job, run_dir: str | Path, poll_s: float = 5.0) -> dict:
     try:
         if hasattr(job, "_poll_frequency"):
             job._poll_frequency = poll_s
-        result = job.result()
+        results = job.results()  # one per task; rank 0's is the run's
+        result = results[0] if results else None
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
         paths = getattr(job, "paths", None)
         log_path = paths.stderr if paths else None

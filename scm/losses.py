@@ -91,7 +91,7 @@ def jvp_tangent(net, x_t, t, dxdt, sigma_d, labels=None, guidance=None,
     base = _unwrap(net)
     if impl == "manual" and hasattr(base, "forward_with_tangent"):
         # One pass: the primal keeps its graph for the gradient pass; same dropout masks by construction.
-        F_theta, dF = base.forward_with_tangent(x_in, t, tx, tt, labels, guidance)
+        F_theta, dF = net(x_in, t, labels, guidance, tangents=(tx, tt))
     else:
         # torch.func.jvp, then a second forward with the same RNG state (same dropout masks).
         devices = [x_t.device] if x_t.device.type == "cuda" else []

@@ -394,8 +394,14 @@ class SCMUNet(nn.Module):
             x, tx = block(x, tx, emb)
         return self.out_conv(x, tx, gain=self.out_gain)
 
-    def forward(self, x, t, labels=None, guidance=None):
-        """F_theta(x, t) for x = x_t / sigma_d (B, C, H, W) and TrigFlow time t (B,)."""
+    def forward(self, x, t, labels=None, guidance=None, tangents=None):
+        """F_theta(x, t) for x = x_t / sigma_d (B, C, H, W) and TrigFlow time t (B,).
+
+        With tangents=(tx, tt) returns forward_with_tangent's (F, tF): through forward(), wrappers such
+        as DistributedDataParallel see the call and synchronize gradients.
+        """
+        if tangents is not None:
+            return self.forward_with_tangent(x, t, *tangents, labels, guidance)
         return self._run(x, t, None, None, labels, guidance)[0]
 
     def forward_with_tangent(self, x, t, tx, tt, labels=None, guidance=None):

@@ -199,6 +199,7 @@ def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] |
             raise C.ConfigError(f"{run_dir} holds a completed run with another config; use a new run directory")
         return done
     rank, world = _dist()
+    log.info("training %s %s in %s (rank %d, world size %d)", cfg.run.method, cfg.run.size, run_dir, rank, world)
     device = _device(cfg.run)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)

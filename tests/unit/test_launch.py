@@ -48,3 +48,16 @@ def test_local_timeout_checkpoints_requeues_and_completes(tmp_path):
     assert status["state"] == "completed" and status["step"] == 80
     logs = "\n".join(p.read_text() for p in tmp_path.glob("jobs/*/*.err"))
     assert "preemption checkpoint" in logs and "resumed from" in logs
+
+
+@pytest.mark.slow
+def test_data_parallel_over_two_local_tasks(tmp_path):
+    # Two tasks: torch.distributed (gloo) from submitit's job environment, DDP, each rank half the batch.
+    cfg = C.resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "sct",
+                               "data": {"num_images": 256}, "network": {"model_channels": 8},
+                               "run": {"batch_size": 16, "total_kimg": 0.32, "log_kimg": 0.16}})
+    status = launch(cfg, tmp_path, "local", ClusterProfile(tasks_per_node=2, time_min=5), poll_s=0.5)
+    assert status["state"] == "completed" and status["step"] == 20
+    logs = {p.name: p.read_text() for p in tmp_path.glob("jobs/*/*_log.err")}
+    assert any(name.endswith("_1_log.err") for name in logs), sorted(logs)
+    assert "world size 2" in "\n".join(logs.values())
