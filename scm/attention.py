@@ -206,12 +206,20 @@ def _check_block_size(block_size: int) -> None:
 # Dispatch by implementation name (network.attention in the config).
 
 
+# impl="triton" is the fused Triton kernel (scm/triton_attention.py; CUDA only, block sizes its own):
+# imported only in its branch, so the CPU paths never import triton.
+
+
 def attention(q, k, v, impl: str = "math", block_size: int = 64) -> torch.Tensor:
     if impl == "math":
         return attention_math(q, k, v)
     if impl == "blockwise":
         return attention_blockwise(q, k, v, block_size)
-    raise ValueError(f"network.attention: unknown implementation {impl!r}; choose math or blockwise")
+    if impl == "triton":
+        from scm.triton_attention import flash_attention
+
+        return flash_attention(q, k, v)
+    raise ValueError(f"network.attention: unknown implementation {impl!r}; choose math, blockwise or triton")
 
 
 def attention_jvp(q, k, v, tq, tk, tv, impl: str = "math", block_size: int = 64):
@@ -219,4 +227,8 @@ def attention_jvp(q, k, v, tq, tk, tv, impl: str = "math", block_size: int = 64)
         return attention_math_jvp(q, k, v, tq, tk, tv)
     if impl == "blockwise":
         return attention_blockwise_jvp(q, k, v, tq, tk, tv, block_size)
-    raise ValueError(f"network.attention: unknown implementation {impl!r}; choose math or blockwise")
+    if impl == "triton":
+        from scm.triton_attention import flash_attention_jvp
+
+        return flash_attention_jvp(q, k, v, tq, tk, tv)
+    raise ValueError(f"network.attention: unknown implementation {impl!r}; choose math, blockwise or triton")

@@ -91,7 +91,6 @@ def _watch(job, run_dir: Path, bar: _Bar, poll_s: float) -> None:
 def cmd_train(args) -> int:
     from scm import config as C
     from scm import launch
-    from scm.checkpoint import read_status
 
     cfg = load_config(args.config, args.overrides, args.set)
     profile = launch.get_profile(args.clusters, args.cluster) if args.cluster else launch.ClusterProfile()
@@ -107,13 +106,16 @@ def cmd_train(args) -> int:
         return 0
     bar = _Bar(f"{cfg.run.method} {cfg.run.size}")
     try:
-        done = read_status(run_dir)
-        if args.launcher == "debug" or (done.get("state") == "completed" and (run_dir / "final.pt").exists()):
-            from scm.train import train
+        from scm.train import prepare_run_dir, train
 
-            status = train(cfg, run_dir, progress=bar)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        status = prepare_run_dir(cfg, run_dir, args.on_config_change)
+        if status.get("state") == "completed":
+            print(f"{run_dir}: already completed", file=sys.stderr)
+        elif args.launcher == "debug":
+            status = train(cfg, run_dir, progress=bar, on_config_change=args.on_config_change)
         else:
-            job = launch.submit(cfg, run_dir, args.launcher, profile)
+            job = launch.submit(cfg, run_dir, args.launcher, profile, args.on_config_change)
             print(f"submitted {args.launcher} job {job.job_id} (run dir {run_dir})", file=sys.stderr)
             _watch(job, run_dir, bar, args.poll)
             status = launch.wait(job, run_dir, args.poll)
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--clusters", default="config/clusters.yaml", help="cluster profiles file")
     tr.add_argument("--poll", type=float, default=5.0, help="seconds between job status checks")
     tr.add_argument("--dry-run", action="store_true", help="print the resolved config and sbatch script only")
+    tr.add_argument("--on-config-change", choices=["error", "restart"], default="error",
+                    help="when RUN_DIR holds a run of another config: stop (error) or start it afresh (restart)")
     tr.set_defaults(func=cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks (median of repeats, hardware stated)")

@@ -69,7 +69,7 @@ class NetworkConfig:
                      choices=["double", "plain"])
     guidance_input: bool = opt(False, "Add a guidance-scale input (CFG distillation).")
     attention: str = opt("math", "Attention implementation: math (N x N) or blockwise (online softmax, O(N) JVP).",
-                         choices=["math", "blockwise"])
+                         choices=["math", "blockwise", "triton"])
     attn_block_size: int = opt(64, "Key/query block size of blockwise attention.", min=1)
     logvar_channels: int = opt(128, "Width of the Fourier features of the adaptive-weighting head w_phi(t).", min=1)
 

@@ -138,8 +138,8 @@ def _init_distributed() -> None:
 class TrainJob(submitit.helpers.Checkpointable):
     """Runs scm.train.train(cfg, run_dir); on USR2 saves a checkpoint and asks to be requeued."""
 
-    def __init__(self, cfg: dict, run_dir: str):
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, cfg: dict, run_dir: str, on_config_change: str = "error"):
+        self.cfg, self.run_dir, self.on_config_change = cfg, run_dir, on_config_change
 
     def __call__(self) -> dict:
         from scm.train import train
@@ -151,7 +151,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             _init_distributed()
         except RuntimeError:  # not inside a submitit job (direct call)
             pass
-        return train(C.from_dict(self.cfg), self.run_dir)
+        return train(C.from_dict(self.cfg), self.run_dir, on_config_change=self.on_config_change)
 
     def checkpoint(self, *args, **kwargs):
         from scm.train import request_checkpoint
@@ -186,11 +186,14 @@ def _reattach(run_dir: Path):
     return None
 
 
-def submit(cfg: C.Config, run_dir: str | Path, launcher: str = "local", profile: ClusterProfile | None = None):
+def submit(cfg: C.Config, run_dir: str | Path, launcher: str = "local", profile: ClusterProfile | None = None,
+           on_config_change: str = "error"):
     """Submit training (or re-attach to the job already running for run_dir); returns the submitit job."""
+    from scm.train import prepare_run_dir
+
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if read_status(run_dir).get("state") == "completed" and (run_dir / "final.pt").exists():
+    if prepare_run_dir(cfg, run_dir, on_config_change).get("state") == "completed":
         raise LaunchError(f"{run_dir} is already completed; nothing to submit")
     profile = profile or ClusterProfile()
     job = _reattach(run_dir) if launcher == "slurm" else None
@@ -200,7 +203,7 @@ def submit(cfg: C.Config, run_dir: str | Path, launcher: str = "local", profile:
     folder = run_dir / "jobs" / time.strftime("%Y%m%d-%H%M%S")
     folder = folder.with_name(f"{folder.name}-{os.getpid()}")
     ex = make_executor(launcher, folder, profile, job_name=f"scm-{cfg.run.method}-{cfg.run.size}")
-    job = ex.submit(TrainJob(C.to_dict(cfg), str(run_dir)))
+    job = ex.submit(TrainJob(C.to_dict(cfg), str(run_dir), on_config_change))
     atomic_write_json(run_dir / "job.json", {"job_id": str(job.job_id), "launcher": launcher,
                                              "folder": str(folder), "submitted": time.time()})
     log.info("submitted %s job %s for %s", launcher, job.job_id, run_dir)
@@ -223,12 +226,15 @@ def wait(job, run_dir: str | Path, poll_s: float = 5.0) -> dict:
 
 
 def launch(cfg: C.Config, run_dir: str | Path, launcher: str = "local", profile: ClusterProfile | None = None,
-           poll_s: float = 5.0) -> dict:
-    """Submit (or re-attach) and wait; returns the run's final status."""
-    status = read_status(Path(run_dir))
-    if launcher == "debug" or (status.get("state") == "completed" and (Path(run_dir) / "final.pt").exists()):
-        from scm.train import train
+           poll_s: float = 5.0, on_config_change: str = "error") -> dict:
+    """Submit (or re-attach) and wait; returns the run's final status (at once for a completed run)."""
+    from scm.train import prepare_run_dir, train
 
-        return train(cfg, run_dir)  # in-process; returns at once for a completed run
-    job = submit(cfg, run_dir, launcher, profile)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    status = prepare_run_dir(cfg, run_dir, on_config_change)
+    if status.get("state") == "completed":
+        return status
+    if launcher == "debug":
+        return train(cfg, run_dir, on_config_change=on_config_change)
+    job = submit(cfg, run_dir, launcher, profile, on_config_change)
     return wait(job, run_dir, poll_s)

@@ -59,6 +59,10 @@ class DivergedError(RuntimeError):
     """NaN/Inf in the loss or gradients beyond run.max_bad_batches."""
 
 
+class StopTraining(Exception):
+    """Raised by an on_eval callback to end a run early (e.g. an Optuna trial pruned)."""
+
+
 class TeacherNotReadyError(FileNotFoundError):
     """sCD was pointed at a teacher run that is missing or unfinished."""
 
@@ -183,20 +187,20 @@ def _dist() -> tuple[int, int]:
 
 
 def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] | None = None,
-          stop_after_steps: int | None = None) -> dict:
+          stop_after_steps: int | None = None, on_config_change: str = "error",
+          on_eval: Callable[[int, float, torch.nn.Module], None] | None = None) -> dict:
     """Train cfg.run.method in run_dir until cfg.run.total_kimg; resumable; returns the final status.
 
     progress(info) is called after every step with {step, total_steps, kimg, loss, ...} (the CLI draws
     the bar). stop_after_steps ends the call early (tests, preemption drills) without completing.
+    on_config_change: 'error' (default) or 'restart' when run_dir holds a run of another config.
+    on_eval(step, kimg, ema_model) is called every run.eval_kimg (sweeps report intermediate FIDs);
+    it may raise StopTraining to end the run early (status 'stopped').
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    # Idempotent: a completed run with the same config is not trained again.
-    done = read_status(run_dir)
-    if done.get("state") == "completed" and (run_dir / "final.pt").exists():
-        saved = json.loads((run_dir / "config.json").read_text())
-        if C.config_hash(C.from_dict(saved)) != C.config_hash(cfg):
-            raise C.ConfigError(f"{run_dir} holds a completed run with another config; use a new run directory")
+    done = prepare_run_dir(cfg, run_dir, on_config_change)
+    if done.get("state") == "completed":  # idempotent: a completed run is not trained again
         return done
     rank, world = _dist()
     log.info("training %s %s in %s (rank %d, world size %d)", cfg.run.method, cfg.run.size, run_dir, rank, world)
@@ -243,6 +247,7 @@ def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] |
     total_steps = max(1, math.ceil(cfg.run.total_kimg * 1000 / batch))
     ckpt_every = max(1, round(cfg.run.checkpoint_kimg * 1000 / batch)) if cfg.run.checkpoint_kimg else total_steps
     log_every = max(1, round(cfg.run.log_kimg * 1000 / batch))
+    eval_every = max(1, round(cfg.run.eval_kimg * 1000 / batch)) if cfg.run.eval_kimg > 0 else 0
 
     # Resume from the newest valid checkpoint.
     step, bad_batches, last_ckpt = 0, 0, None
@@ -352,11 +357,18 @@ def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] |
                 window, t_window = [], time.perf_counter()
             if step % ckpt_every == 0 and step < total_steps:
                 last_ckpt = save(step)
+            if on_eval is not None and eval_every and step % eval_every == 0:
+                on_eval(step, step * batch / 1000, ema.model)
+                net.train()
             if progress:
                 progress(info)
     except DivergedError as e:
         if rank == 0:
             write_status(run_dir, "diverged", step=step, reason=str(e), last_checkpoint=str(last_ckpt))
+        raise
+    except StopTraining as e:
+        if rank == 0:
+            write_status(run_dir, "stopped", step=step, reason=str(e))
         raise
     except SystemExit:  # submitit requeues a preempted/timed-out job by exiting: the run goes on later
         if rank == 0:
@@ -392,3 +404,32 @@ def _truncate_stats(path: Path, step: int) -> None:
         from scm.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(path, ("\n".join(kept) + ("\n" if kept else "")).encode())
+
+
+def prepare_run_dir(cfg: C.Config, run_dir: str | Path, on_config_change: str = "error") -> dict:
+    """Check run_dir against cfg; returns its status ('completed' only with final.pt present).
+
+    A run directory holds one config: a run is resumed only with the same config. Otherwise 'error'
+    raises, 'restart' clears the stale state (the pipeline's choice after a config change).
+    """
+    run_dir = Path(run_dir)
+    saved_path = run_dir / "config.json"
+    if saved_path.exists() and C.config_hash(C.from_dict(json.loads(saved_path.read_text()))) != C.config_hash(cfg):
+        if on_config_change != "restart":
+            raise C.ConfigError(f"{run_dir} holds a run with another config (config.json); use a new run "
+                                "directory, or restart it (--on-config-change restart)")
+        log.warning("config changed: restarting %s from scratch", run_dir)
+        _clear_run(run_dir)
+    status = read_status(run_dir)
+    if status.get("state") == "completed" and not (run_dir / "final.pt").exists():
+        status = {**status, "state": "incomplete"}
+    return status
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Remove a stale run's state (checkpoints, stats, status, final weights); keep job logs."""
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    for name in ("stats.jsonl", "status.json", "final.pt", "config.json", "job.json"):
+        (run_dir / name).unlink(missing_ok=True)

@@ -134,3 +134,20 @@ def test_stats_and_status_files(tmp_path):
     for key in ("loss", "mse", "g_norm", "grad_norm", "lr", "sec_per_kimg", "peak_mem_mb", "kimg"):
         assert key in rows[-1], key
     assert Path(tmp_path / "final.pt").exists() and (tmp_path / "config.json").exists()
+
+
+def test_on_eval_hook_and_stop_training(tmp_path):
+    from scm.train import StopTraining
+
+    seen = []
+
+    def on_eval(step, kimg, ema_model):
+        seen.append(step)
+        assert not ema_model.training
+        if step >= 20:
+            raise StopTraining("pruned at step 20")
+
+    with pytest.raises(StopTraining):
+        train(tiny_cfg(**{"run.eval_kimg": 0.16}), tmp_path, on_eval=on_eval)
+    assert seen == [10, 20]
+    assert read_status(tmp_path) == {**read_status(tmp_path), "state": "stopped", "reason": "pruned at step 20"}

@@ -1,0 +1,74 @@
+import pytest
+import yaml
+
+from scm import config as C
+from scm.study import Study, load_ablation, parse_run_id
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+def study(**over):
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg.update(over)
+    return Study(cfg, root=ROOT)
+
+
+def test_run_ids_round_trip_and_reject_garbage():
+    run = parse_run_id("sct-tS-tangent_warmup_off-s1")
+    assert (run.method, run.size, run.ablation, run.seed) == ("sct", "tS", "tangent_warmup_off", 1)
+    assert run.run_id == "sct-tS-tangent_warmup_off-s1"
+    with pytest.raises(C.ConfigError, match="method-size-ablation-sSEED"):
+        parse_run_id("sct_tS_base_0")
+
+
+def test_default_study_grid():
+    s = study()
+    ids = s.run_ids()
+    assert len(ids) == len(set(ids))
+    for m in ("teacher", "scd", "sct"):
+        for size in ("tS", "tM", "tL"):
+            assert f"{m}-{size}-base-s0" in ids
+    ablation_files = sorted(p.stem for p in (ROOT / "ablations").glob("*.yaml"))
+    assert len(ablation_files) >= 10
+    for name in ablation_files:
+        assert f"sct-tS-{name}-s0" in ids and f"sct-tS-{name}-s1" in ids
+    assert "sct-tS-base-s1" in ids  # the full recipe at the second ablation seed
+
+
+def test_overrides_order_and_teacher():
+    s = study()
+    cfg = s.config("sct-tS-tangent_norm_clip-s1")
+    assert cfg.loss.tangent_norm == "clip" and cfg.run.seed == 1 and cfg.run.method == "sct"
+    assert cfg.run.batch_size == 32 and cfg.run.total_kimg == 4.8  # study-wide, then per-method overrides
+    scd = s.config("scd-tM-base-s0")
+    assert scd.run.teacher_run_dir == "results/runs/teacher-tM-base-s0"
+    # the file written for `scm train --config` resolves to the same config
+    assert C.config_hash(C.resolve_from_dict(s.config_dict("scd-tM-base-s0"))) == C.config_hash(scd)
+
+
+def test_scd_ablations_of_the_network_get_their_own_teacher():
+    s = study(ablations={"method": "scd", "size": "tS", "seeds": [0], "names": ["adagn_plain",
+                                                                                "attention_blockwise"]})
+    ids = s.run_ids()
+    assert "teacher-tS-adagn_plain-s0" in ids  # the architecture changed: the teacher must match
+    assert "teacher-tS-attention_blockwise-s0" not in ids  # same function: the base teacher serves
+    teacher = s.config("teacher-tS-adagn_plain-s0")
+    assert teacher.network.adagn == "plain" and teacher.loss.tangent_norm == "l2"
+
+
+def test_every_ablation_file_only_overrides_known_fields(tmp_path):
+    for path in (ROOT / "ablations").glob("*.yaml"):
+        assert load_ablation(path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss:\n  tangent_normalisation: none\n")
+    with pytest.raises(C.ConfigError, match="bad.yaml: unknown config key 'loss.tangent_normalisation'"):
+        load_ablation(bad)
+    with pytest.raises(C.ConfigError, match="ablations.names: 'nope' has no file"):
+        study(ablations={"names": ["nope"]})
+
+
+def test_reference_numbers_are_the_shared_paper_tables():
+    shared = ROOT.parent / "shared" / "docs" / "paper-tables.csv"
+    if not shared.exists():
+        pytest.skip("../shared is not beside the checkout")
+    assert (ROOT / "results" / "reference" / "paper-tables.csv").read_text() == shared.read_text()

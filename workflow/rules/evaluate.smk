@@ -1,0 +1,41 @@
+# Evaluation per run: FID (and KID, precision/recall) at each number of sampling steps, and a grid.
+
+
+rule evaluate:
+    conda:
+        "../envs/scm.yaml"
+    input:
+        f"{R}/runs/{{run}}/final.pt",
+    output:
+        f"{R}/metrics/{{run}}.json",
+    log:
+        f"{R}/logs/evaluate/{{run}}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    params:
+        run_dir=lambda wc: STUDY.run_dir(wc.run),
+        steps=lambda wc: " ".join(str(s) for s in STUDY.eval_steps(wc.run)),
+        num=config["eval"]["num_samples"],
+        seed_sets=config["eval"]["seed_sets"],
+    shell:
+        "scm evaluate --run-dir {params.run_dir} --steps {params.steps} --num {params.num} "
+        "--seed-sets {params.seed_sets} --out {output} > {log} 2>&1"
+
+
+rule samples:
+    conda:
+        "../envs/scm.yaml"
+    input:
+        f"{R}/runs/{{run}}/final.pt",
+    output:
+        f"{R}/samples/{{run}}/grid.png",
+    log:
+        f"{R}/logs/samples/{{run}}.log",
+    threads: 1
+    params:
+        run_dir=lambda wc: STUDY.run_dir(wc.run),
+        steps=lambda wc: STUDY.eval_steps(wc.run)[-1],
+    shell:
+        "scm sample --run-dir {params.run_dir} --steps {params.steps} --num 64 --seeds 0-63 "
+        "--out $(dirname {output}) > {log} 2>&1"
