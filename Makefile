@@ -19,8 +19,7 @@ setup: $(STAMP)
 
 # --- the main job: the embedded default study on the CPU, no downloads
 run: setup
-	$(VENV)/bin/scm info sizes --dataset imagenet512
-	$(VENV)/bin/scm bench step --sizes tS tM tL --repeats 3
+	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --profile profiles/local
 
 # --- tests: everything but the SLURM tests, then the SLURM tests against a real local cluster
 test: setup

@@ -126,6 +126,19 @@ def cmd_train(args) -> int:
 
 
 # ----------------------------------------------------------------------------
+# scm report
+
+
+def cmd_report(args) -> int:
+    from scm.report import build_report
+
+    paths = build_report(args.metrics, args.results, args.dataset, args.reference)
+    for p in paths:
+        print(p)
+    return 0
+
+
+# ----------------------------------------------------------------------------
 # scm bench
 
 
@@ -163,6 +176,145 @@ def cmd_bench_step(args) -> int:
 
 
 # ----------------------------------------------------------------------------
+# scm sample / scm evaluate / scm data (sampling, metrics, data and weights; scm.evaluate, scm.metrics)
+
+
+def _user_error(e: Exception) -> int:
+    """Missing files, weights or extras: one line that says what to do, exit status 2."""
+    print(f"scm: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _set_threads(n: int) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def cmd_sample(args) -> int:
+    from scm import evaluate as E
+
+    _set_threads(args.threads)
+    try:
+        if not args.seeds and not args.num:
+            raise ValueError("give --num N (seeds 0..N-1) or --seeds A-B")
+        seeds = E.parse_seeds(args.seeds) if args.seeds else list(range(args.num))
+        seeds = seeds[:args.num] if args.num else seeds
+        info = E.sample_run(args.run_dir, args.steps, seeds, args.out, batch=args.batch,
+                            shard=E.parse_shard(args.shard), solver=args.solver, guidance=args.guidance,
+                            device=args.device, vae_path=args.vae)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        return _user_error(e)
+    print(f"wrote {info['num']} samples (NFE {info['nfe']}) to {info['out_dir']} in {info['seconds']:.1f} s")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from scm import evaluate as E
+
+    _set_threads(args.threads)
+    try:
+        entries = E.evaluate_run(
+            args.run_dir, args.steps, num=args.num, seed_sets=args.seed_sets, first_seed=args.first_seed,
+            batch=args.batch, solver=args.solver, guidance=args.guidance, extractor=args.extractor,
+            extractor_weights=args.extractor_weights, cache_dir=args.cache_dir, ref_stats=args.ref_stats,
+            dinov2=args.dinov2, kid=not args.no_kid, prc=not args.no_prc, kid_subsets=args.kid_subsets,
+            device=args.device, vae_path=args.vae)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        return _user_error(e)
+    out = E.write_metrics(entries, args.out)
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"
+    print(f"{'run':<20} {'steps':>5} {'NFE':>4} {'FID min':>9} {'FID mean':>9} {'sd':>7} {'KID':>9} "
+          f"{'prec':>5} {'rec':>5}")
+    for e in entries:
+        print(f"{e['run_id']:<20} {e['steps']:>5} {e['nfe']:>4} {fmt(e['fid_min']):>9} {fmt(e['fid_mean']):>9} "
+              f"{fmt(e['fid_sd']):>7} {fmt(e['kid']):>9} {fmt(e['precision']):>5} {fmt(e['recall']):>5}")
+    print(f"extractor {entries[0]['feature_extractor']}, reference {entries[0]['ref_stats']}; wrote {out}")
+    return 0
+
+
+def cmd_data_fetch(args) -> int:
+    from scm.data import fetch_cifar10
+
+    print(f"CIFAR-10 in {fetch_cifar10(args.root)}")
+    return 0
+
+
+def cmd_data_fetch_weights(args) -> int:
+    from scm import metrics as M
+
+    fetch = {"inception": M.fetch_inception_weights, "dinov2": M.fetch_dinov2_weights}[args.what]
+    out = fetch(args.out)
+    print(f"wrote {out} (sha256[:16] {M.file_fingerprint(out)}); pass it as --extractor-weights / --dinov2")
+    return 0
+
+
+def cmd_data_build_extractor(args) -> int:
+    from scm import metrics as M
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        meta = M.load_shapes_extractor(out)[1]
+        print(f"{out} exists (test accuracy {meta['test_accuracy']:.4f}); --force retrains")
+        return 0
+    meta = M.train_shapes_extractor(out, steps=args.steps)
+    print(f"wrote {out}: test accuracy {meta['test_accuracy']:.4f} on {meta['test_images']} held-out images, "
+          f"{meta['train_seconds']:.1f} s")
+    return 0
+
+
+def cmd_data_ref_stats(args) -> int:
+    from scm import config as C
+    from scm import evaluate as E
+    from scm import metrics as M
+
+    try:
+        if args.run_dir:
+            data_cfg = C.from_dict(json.loads((Path(args.run_dir) / "config.json").read_text())).data
+        elif args.dataset:
+            data_cfg = C.DataConfig(name=args.dataset, path=args.path, num_images=args.num_images,
+                                    resolution=args.resolution)
+        else:
+            raise ValueError("give --dataset NAME (with --path for files) or --run-dir DIR")
+        images = E.real_images(data_cfg)
+        ref = M.make_reference(data_cfg.name, images, args.extractor, args.extractor_weights, args.cache_dir)
+        mu, sigma, cached = M.reference_stats(ref, str(E.resolve_device(args.device)))
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        return _user_error(e)
+    meta = M.load_ref_stats(cached)[2]
+    M.save_ref_stats(args.out, mu, sigma, meta)
+    print(f"{ref.name}: {len(images)} images, {mu.shape[0]}-d features; wrote {args.out} (cache {cached})")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# scm sweep (Optuna; scm.sweep)
+
+
+def cmd_sweep(args) -> int:
+    from scm import launch
+    from scm import sweep as S
+
+    spec = S.load_spec(args.study, n_trials=args.n_trials, storage=args.storage)
+    profile = launch.get_profile(args.clusters, args.cluster) if args.cluster else None
+    out = Path(args.out or f"results/sweeps/{spec.name}")
+    try:
+        summary = S.run_sweep(spec, out, workers=args.workers, launcher=args.launcher, profile=profile,
+                              figures=args.figures, restart=args.restart)
+    except (S.SweepError, FileNotFoundError, ImportError) as e:
+        return _user_error(e)
+    print(f"study {summary['study']}: {summary['trials']} trials ({summary['complete']} complete, "
+          f"{summary['pruned']} pruned, {summary['fail']} failed) in {summary['seconds']:.1f} s; storage "
+          f"{summary['storage']}")
+    print(f"best: trial {summary['best_trial']}, value {summary['best_value']:.6g}, params {summary['best_params']}")
+    print(f"wrote {summary['best_yaml']}, {summary['trials_csv']} and {len(summary['figures'])} figures")
+    for e in summary["worker_errors"]:
+        print(f"warning: {e}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="when RUN_DIR holds a run of another config: stop (error) or start it afresh (restart)")
     tr.set_defaults(func=cmd_train)
 
+    rep = sub.add_parser("report", help="tables and figures of a study from its metrics files")
+    rep.add_argument("--metrics", nargs="+", required=True, help="metrics JSON files from scm evaluate")
+    rep.add_argument("--results", default="results", help="the study's results folder (runs/, samples/)")
+    rep.add_argument("--dataset", required=True, help="the study's dataset (paper numbers where it is one)")
+    rep.add_argument("--reference", default="results/reference/paper-tables.csv", help="the paper's numbers")
+    rep.set_defaults(func=cmd_report)
+
     bench = sub.add_parser("bench", help="benchmarks (median of repeats, hardware stated)")
     bsub = bench.add_subparsers(dest="what", required=True)
     step = bsub.add_parser("step", help="training-step time of teacher, sCT and sCD")
@@ -202,6 +361,92 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--device", default="cpu")
     step.add_argument("--out", default="results/bench/step.csv")
     step.set_defaults(func=cmd_bench_step)
+
+    smp = sub.add_parser("sample", help="generate PNGs from a finished run's EMA network (deterministic per seed)")
+    smp.add_argument("--run-dir", required=True)
+    smp.add_argument("--steps", type=int, required=True,
+                     help="consistency steps (sct/scd runs) or teacher solver steps (teacher runs)")
+    smp.add_argument("--num", type=int, default=0, help="seeds 0..N-1 (or the first N of --seeds)")
+    smp.add_argument("--seeds", default="", help="e.g. 0-49999 or 0,5,7-9 (inclusive ranges)")
+    smp.add_argument("--out", required=True, help="folder for {seed:06d}.png and grid.png")
+    smp.add_argument("--shard", default="0/1", help="I/N: take every N-th seed from the I-th (SLURM arrays)")
+    smp.add_argument("--batch", type=int, default=64, help="network batch size (every call is a full batch)")
+    smp.add_argument("--solver", choices=["euler", "heun", "dpm2s"], default=None,
+                     help="teacher solver (default: the run's sampler.teacher_solver)")
+    smp.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the run's sampler.guidance)")
+    smp.add_argument("--vae", default=None, help="local SD VAE folder to decode latents (imagenet512)")
+    smp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    smp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    smp.set_defaults(func=cmd_sample)
+
+    ev = sub.add_parser("evaluate", help="FID (min/mean/sd over seed sets), KID, precision/recall -> metrics.json")
+    ev.add_argument("--run-dir", required=True)
+    ev.add_argument("--steps", type=int, nargs="+", required=True, help="one entry per value, e.g. --steps 1 2")
+    ev.add_argument("--num", type=int, default=1024, help="samples per seed set")
+    ev.add_argument("--seed-sets", type=int, default=1, help="seed set j uses seeds first_seed + [j N, (j+1) N)")
+    ev.add_argument("--first-seed", type=int, default=0)
+    ev.add_argument("--out", default="metrics.json", help="a JSON list, one entry per --steps value")
+    ev.add_argument("--batch", type=int, default=64)
+    ev.add_argument("--solver", choices=["euler", "heun", "dpm2s"], default=None)
+    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--extractor", default=None,
+                    help="scm-shapes-v1 (default for shapes) or inception-v3-compat (default otherwise)")
+    ev.add_argument("--extractor-weights", default=None,
+                    help="local weights: the shapes artifact (trained if missing) or the Inception file")
+    ev.add_argument("--cache-dir", default="results/cache/ref-stats", help="reference statistics and features")
+    ev.add_argument("--ref-stats", default=None, help="imported reference statistics (EDM .npz / EDM2 .pkl)")
+    ev.add_argument("--dinov2", default=None, help="local DINOv2 model file: adds fd_dinov2")
+    ev.add_argument("--no-kid", action="store_true")
+    ev.add_argument("--no-prc", action="store_true")
+    ev.add_argument("--kid-subsets", type=int, default=100)
+    ev.add_argument("--vae", default=None)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    data = sub.add_parser("data", help="datasets, feature-extractor weights, reference statistics")
+    dsub = data.add_subparsers(dest="what_data", required=True)
+    fetch = dsub.add_parser("fetch", help="download a dataset (needs internet: the login node)")
+    fetch.add_argument("dataset", choices=["cifar10"])
+    fetch.add_argument("--root", required=True)
+    fetch.set_defaults(func=cmd_data_fetch)
+    fw = dsub.add_parser("fetch-weights", help="download extractor weights once (the only downloading command)")
+    fw.add_argument("what", choices=["inception", "dinov2"])
+    fw.add_argument("--out", required=True, help="inception: .pth; dinov2: TorchScript .pt or torch.export .pt2")
+    fw.set_defaults(func=cmd_data_fetch_weights)
+    be = dsub.add_parser("build-extractor", help="train the shapes feature network (deterministic, ~30 s)")
+    be.add_argument("--out", default="results/artifacts/shapes-features-v1.pt")
+    be.add_argument("--steps", type=int, default=500)
+    be.add_argument("--force", action="store_true")
+    be.set_defaults(func=cmd_data_build_extractor)
+    rs = dsub.add_parser("ref-stats", help="reference statistics (EDM .npz with mu, sigma) of a dataset")
+    rs.add_argument("--dataset", default=None, choices=["shapes", "cifar10", "zip", "imagenet64"])
+    rs.add_argument("--path", default="", help="CIFAR-10 root or EDM2 ZIP")
+    rs.add_argument("--num-images", type=int, default=2048, help="shapes: size of the set")
+    rs.add_argument("--resolution", type=int, default=16, help="shapes: image size")
+    rs.add_argument("--run-dir", default=None, help="use this run's data config instead of --dataset")
+    rs.add_argument("--out", required=True)
+    rs.add_argument("--extractor", default=None)
+    rs.add_argument("--extractor-weights", default=None)
+    rs.add_argument("--cache-dir", default="results/cache/ref-stats")
+    rs.add_argument("--device", default="auto")
+    rs.set_defaults(func=cmd_data_ref_stats)
+
+    sw = sub.add_parser("sweep", help="Optuna sweep: N workers on one study -> best.yaml, trials.csv, figures "
+                        "(resumable: run it again)")
+    sw.add_argument("--study", required=True, help="study file (config/sweeps/*.yaml): space, base run, objective")
+    sw.add_argument("--workers", type=int, default=1, help="workers optimizing the study concurrently")
+    sw.add_argument("--launcher", choices=["debug", "local", "slurm"], default="local",
+                    help="debug: one worker in this process; local: subprocesses; slurm: a job array")
+    sw.add_argument("--cluster", default="", help="cluster profile name for slurm (see --clusters)")
+    sw.add_argument("--clusters", default="config/clusters.yaml", help="cluster profiles file")
+    sw.add_argument("--out", default=None, help="output folder (default results/sweeps/<study name>)")
+    sw.add_argument("--figures", default=None, help="plots folder (default: the study's 'figures' or OUT/figures)")
+    sw.add_argument("--n-trials", type=int, default=None, help="trial budget (overrides the study file)")
+    sw.add_argument("--storage", default=None, help="journal file or RDB URL (overrides the study file)")
+    sw.add_argument("--restart", action="store_true",
+                    help="the study file changed: move the old journal and trials aside and start afresh")
+    sw.set_defaults(func=cmd_sweep)
     return p
 
 

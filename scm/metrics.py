@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -180,11 +181,13 @@ class ShapesFeatureNet(torch.nn.Module):
             conv(c1, c2), torch.nn.ReLU(), torch.nn.MaxPool2d(2), conv(c2, c3), torch.nn.ReLU(),
             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
         self.head = torch.nn.Linear(c3, num_classes)
+        # Set after training so that real features have unit RMS (FID/KID on an Inception-like scale).
+        self.register_buffer("feature_scale", torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x in [-1, 1] (B, 3, H, W) -> (features (B, c3), logits (B, classes))."""
+        """x in [-1, 1] (B, 3, H, W) -> (features (B, c3) scaled by feature_scale, logits (B, classes))."""
         f = self.body(x)
-        return f, self.head(f)
+        return f * self.feature_scale, self.head(f)
 
 
 @contextlib.contextmanager
@@ -230,18 +233,25 @@ def train_shapes_extractor(path=DEFAULT_SHAPES_EXTRACTOR_PATH, steps: int = 500,
         net.eval()
         with torch.no_grad():
             acc = float((net(xte.float() / 127.5 - 1)[1].argmax(1) == yte).float().mean())
+            rms = float(torch.cat([net(x)[0] for x in xtr.split(1024)]).square().mean().sqrt())
+            net.feature_scale.fill_(1.0 / rms)
     meta = {"name": SHAPES_EXTRACTOR, "version": SHAPES_EXTRACTOR_VERSION, "test_accuracy": acc,
             "test_images": test_images, "train_images": train_images, "steps": steps, "batch": batch,
             "lr": lr, "seed": seed, "resolution": resolution, "feature_dim": net.head.in_features,
-            "classes": list(SHAPE_CLASSES), "final_loss": float(loss), "torch": torch.__version__,
-            "train_seconds": round(time.time() - t0, 2)}
+            "feature_scale": 1.0 / rms,
+            "classes": list(SHAPE_CLASSES), "final_loss": float(loss.detach()), "torch": str(torch.__version__)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"version": SHAPES_EXTRACTOR_VERSION, "state_dict": net.state_dict(), "meta": meta}, tmp)
+    # No timings or file names in the bytes (torch.save to a path embeds its stem): the same training gives
+    # the same file, hence the same reference names.
+    buf = io.BytesIO()
+    torch.save({"version": SHAPES_EXTRACTOR_VERSION, "state_dict": net.state_dict(), "meta": meta}, buf)
+    tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
-    log.info("shapes feature extractor: test accuracy %.4f, %.1f s -> %s", acc, meta["train_seconds"], path)
-    return meta
+    seconds = round(time.time() - t0, 2)
+    log.info("shapes feature extractor: test accuracy %.4f, %.1f s -> %s", acc, seconds, path)
+    return {**meta, "train_seconds": seconds}
 
 
 def ensure_shapes_extractor(path=None) -> Path:
@@ -391,11 +401,20 @@ def fetch_dinov2_weights(out) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("XFORMERS_DISABLED", "1")
-    model = torch.hub.load("facebookresearch/dinov2", "dinov2_vitl14", trust_repo=True).eval()
-    example = torch.zeros(2, 3, 224, 224)
+    hub = torch.hub.load("facebookresearch/dinov2", "dinov2_vitl14", trust_repo=True).eval()
+
+    class CLS(torch.nn.Module):  # forward(x) -> normed CLS token (DINOv2's forward takes *args)
+        def __init__(self):
+            super().__init__()
+            self.m = hub
+
+        def forward(self, x):
+            return self.m(x)
+
+    model, example = CLS().eval(), torch.zeros(2, 3, 224, 224)
     if out.suffix == ".pt2":
         batch = torch.export.Dim("batch", min=1, max=65536)
-        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), str(out))
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}), str(out))
     else:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -451,7 +470,7 @@ class Reference:
     images: torch.Tensor | None = None
     stats_path: Path | None = None  # imported .npz/.pkl when there are no images
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         if self.images is None:
             return Path(self.stats_path).stem
@@ -484,7 +503,7 @@ def extract_features(images: torch.Tensor, ref: Reference, device: str = "cpu", 
 
     kw = _fidelity_kwargs(ref, device, batch_size)
     layer = layer or FEATURE_EXTRACTORS_REGISTRY[ref.extractor].get_default_feature_layer_for_metric("fid")
-    fe = create_feature_extractor(ref.extractor, [layer], cuda=kw["cuda"],
+    fe = create_feature_extractor(ref.extractor, [layer], cuda=kw["cuda"], verbose=False,
                                   feature_extractor_weights_path=kw["feature_extractor_weights_path"])
     return get_featuresdict_from_dataset(ImageTensorDataset(images), fe, batch_size, kw["cuda"], True, False)[layer]
 
@@ -499,8 +518,11 @@ def reference_stats(ref: Reference, device: str = "cpu", batch_size: int = 256) 
     if path.exists():
         mu, sigma, _ = load_ref_stats(path)
         return mu, sigma, path
-    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached, \
-        resolve_feature_layer_for_metric
+    from torch_fidelity.utils import (
+        create_feature_extractor,
+        extract_featuresdict_from_input_id_cached,
+        resolve_feature_layer_for_metric,
+    )
 
     kw = {**_fidelity_kwargs(ref, device, batch_size), "input2": ImageTensorDataset(ref.images),
           "input2_cache_name": ref.name}
@@ -530,7 +552,8 @@ def compute_metrics(generated: torch.Tensor, ref: Reference, kid: bool = True, p
     subset = min(1000, len(generated), len(ref.images))
     kw = {**_fidelity_kwargs(ref, device, batch_size), "input1": ImageTensorDataset(generated),
           "input2": ImageTensorDataset(ref.images), "input2_cache_name": ref.name,
-          "fid": True, "kid": kid and subset >= 2, "prc": prc, "kid_subset_size": subset, "kid_subsets": kid_subsets}
+          "fid": True, "kid": kid and subset >= 2, "prc": prc and subset > 3,  # PR: 3 nearest neighbours
+          "kid_subset_size": subset, "kid_subsets": kid_subsets}
     m = torch_fidelity.calculate_metrics(**kw)
     reference_stats(ref, device, batch_size)  # the .npz record (from the cached real features)
     get = lambda k: float(m[k]) if k in m else None

@@ -105,7 +105,7 @@ def ablation_table(df: pd.DataFrame, results: Path) -> pd.DataFrame:
     runs = df[df["run_id"].isin(_ablation_run_ids(df))]
     rows = []
     for ablation, g in runs.groupby("ablation", sort=False):
-        row = {"ablation": "full recipe" if ablation == "base" else ablation, "seeds": g["seed"].nunique()}
+        row = {"ablation": "full recipe" if ablation == "full" else ablation, "seeds": g["seed"].nunique()}
         for steps in sorted(g["steps"].unique()):
             s = g[g["steps"] == steps]["fid"]
             row[f"FID {steps}-step"] = _fmt(s.mean(), s.std(ddof=1) if len(s) > 1 else None)
@@ -127,12 +127,8 @@ def ablation_table(df: pd.DataFrame, results: Path) -> pd.DataFrame:
 
 
 def _ablation_run_ids(df: pd.DataFrame) -> list[str]:
-    """Runs of the ablation grid: every non-base run, and base runs at the ablations' method and size."""
-    ab = df[df["ablation"] != "base"]
-    if ab.empty:
-        return []
-    keys = set(zip(ab["method"], ab["size"]))
-    return [r for r, m, s in zip(df["run_id"], df["method"], df["size"]) if (m, s) in keys]
+    """Runs of the ablation grid: every run that is not in the main grid ('base')."""
+    return list(df.loc[df["ablation"] != "base", "run_id"].unique())
 
 
 def _status(run_dir: Path) -> dict:
@@ -248,7 +244,7 @@ def ablation_curves(df: pd.DataFrame, results: Path, path: Path) -> None:
         s = load_stats(results / "runs" / run_id)
         if len(s):
             run = parse_run_id(run_id)
-            frames.append(s.assign(ablation="full recipe" if run.ablation == "base" else run.ablation, seed=run.seed))
+            frames.append(s.assign(ablation="full recipe" if run.ablation == "full" else run.ablation, seed=run.seed))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if frames:
         d = pd.concat(frames, ignore_index=True)

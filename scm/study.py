@@ -2,7 +2,9 @@
 
 Run ids are `{method}-{size}-{ablation}-s{seed}` (e.g. `scd-tM-base-s0`, `sct-tS-tangent_warmup_off-s1`).
 The main grid is methods x sizes x seeds with ablation `base`; the ablation grid runs each file of
-ablations/ (only config overrides) against the full recipe at one method and size with several seeds.
+ablations/ (only config overrides) against the full recipe (ablation `full`: no file, the same
+grid settings) at one method and size with several seeds. `ablations.overrides` (e.g. a shorter
+schedule) apply to the whole ablation grid, so ablations compare like with like.
 sCD runs distill the teacher `teacher-{size}-base-s{teacher_seed}` (or a teacher with the same
 network changes, when an ablation changes the architecture).
 """
@@ -94,7 +96,7 @@ class Study:
         if not self.ablations:
             return []
         method, size, seeds = ab.get("method", "sct"), ab.get("size", self.cfg["sizes"][0]), ab.get("seeds", [0, 1])
-        runs = [Run(method, size, "base", seed) for seed in seeds]
+        runs = [Run(method, size, "full", seed) for seed in seeds]
         return runs + [Run(method, size, name, seed) for name in self.ablations for seed in seeds]
 
     def teacher_of(self, run: Run) -> Run:
@@ -124,7 +126,7 @@ class Study:
 
     def _network_overrides(self, ablation: str) -> dict[str, Any]:
         """The ablation's changes to the network function (an sCD teacher must share them)."""
-        if ablation == "base":
+        if ablation in ("base", "full"):
             return {}
         return {k: v for k, v in self.ablations[ablation].items()
                 if k.startswith("network.") and k not in FUNCTION_NEUTRAL}
@@ -134,7 +136,9 @@ class Study:
         out: dict[str, Any] = {}
         out.update(C.flatten(self.cfg.get("overrides", {}) or {}))
         out.update(C.flatten((self.cfg.get("method_overrides", {}) or {}).get(run.method, {}) or {}))
-        if run.ablation != "base":
+        if run.ablation != "base" and run.method != "teacher":  # the ablation grid's own settings
+            out.update(C.flatten((self.cfg.get("ablations", {}) or {}).get("overrides", {}) or {}))
+        if run.ablation not in ("base", "full"):
             if run.ablation not in self.ablations:
                 raise C.ConfigError(f"run {run.run_id}: unknown ablation {run.ablation!r}; "
                                     f"known: {sorted(self.ablations)}")

@@ -32,14 +32,17 @@ def test_default_study_grid():
     assert len(ablation_files) >= 10
     for name in ablation_files:
         assert f"sct-tS-{name}-s0" in ids and f"sct-tS-{name}-s1" in ids
-    assert "sct-tS-base-s1" in ids  # the full recipe at the second ablation seed
+    assert "sct-tS-full-s0" in ids and "sct-tS-full-s1" in ids  # the full recipe, ablation-grid settings
+    full, clip = s.config("sct-tS-full-s1"), s.config("sct-tS-tangent_norm_clip-s1")
+    assert full.run.total_kimg == clip.run.total_kimg == 2.4 and full.loss.tangent_norm == "l2"
 
 
 def test_overrides_order_and_teacher():
     s = study()
     cfg = s.config("sct-tS-tangent_norm_clip-s1")
     assert cfg.loss.tangent_norm == "clip" and cfg.run.seed == 1 and cfg.run.method == "sct"
-    assert cfg.run.batch_size == 32 and cfg.run.total_kimg == 4.8  # study-wide, then per-method overrides
+    assert cfg.run.batch_size == 32 and cfg.run.total_kimg == 2.4  # study, method, then ablation-grid overrides
+    assert s.config("sct-tS-base-s0").run.total_kimg == 4.8
     scd = s.config("scd-tM-base-s0")
     assert scd.run.teacher_run_dir == "results/runs/teacher-tM-base-s0"
     # the file written for `scm train --config` resolves to the same config

@@ -1,11 +1,27 @@
 # Evaluation per run: FID (and KID, precision/recall) at each number of sampling steps, and a grid.
+# The embedded dataset's feature network is trained once (deterministic) before any evaluation.
+EXTRACTOR = f"{R}/artifacts/shapes-features-v1.pt" if config["dataset"] == "shapes" else None
+
+
+rule extractor:
+    conda:
+        "../envs/scm.yaml"
+    output:
+        f"{R}/artifacts/shapes-features-v1.pt",
+    log:
+        f"{R}/logs/extractor.log",
+    threads: 1
+    shell:
+        "scm data build-extractor --out {output} > {log} 2>&1"
+
 
 
 rule evaluate:
     conda:
         "../envs/scm.yaml"
     input:
-        f"{R}/runs/{{run}}/final.pt",
+        run=f"{R}/runs/{{run}}/final.pt",
+        extractor=EXTRACTOR or [],
     output:
         f"{R}/metrics/{{run}}.json",
     log:
@@ -18,9 +34,12 @@ rule evaluate:
         steps=lambda wc: " ".join(str(s) for s in STUDY.eval_steps(wc.run)),
         num=config["eval"]["num_samples"],
         seed_sets=config["eval"]["seed_sets"],
+        extractor=lambda wc, input: f"--extractor-weights {input.extractor}" if input.extractor else "",
+        cache=lambda wc, output: Path(output[0]).parents[1] / "cache" / "ref-stats",
     shell:
         "scm evaluate --run-dir {params.run_dir} --steps {params.steps} --num {params.num} "
-        "--seed-sets {params.seed_sets} --out {output} > {log} 2>&1"
+        "--seed-sets {params.seed_sets} {params.extractor} --cache-dir {params.cache} --threads 1 "
+        "--out {output} > {log} 2>&1"
 
 
 rule samples:

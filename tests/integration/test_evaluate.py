@@ -1,0 +1,161 @@
+"""Sampling and evaluation of tiny trained runs on the CPU: determinism per seed, offline evaluation."""
+
+import json
+import socket
+
+import pandas as pd
+import pytest
+import torch
+
+from scm import config as C
+from scm import evaluate as E
+from scm import metrics as M
+from scm.cli import main
+from scm.train import train
+
+pytestmark = pytest.mark.slow
+
+TINY = {"dataset": "shapes", "size": "tS", "data": {"num_images": 256}, "network": {"model_channels": 8},
+        "run": {"batch_size": 16, "total_kimg": 0.032}}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Tiny finished runs: a teacher and an sCT model (a few seconds each)."""
+    root = tmp_path_factory.mktemp("runs")
+    for method in ("teacher", "sct"):
+        train(C.resolve_from_dict({**TINY, "method": method}), root / f"tiny-{method}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fast_extractor(tmp_path_factory):
+    """A quickly trained shapes extractor (shared with tests/unit/test_metrics.py within one session)."""
+    path = tmp_path_factory.getbasetemp() / "shapes-features-fast.pt"
+    if not path.exists():
+        M.train_shapes_extractor(path, steps=100, batch=64, train_images=2048, test_images=512)
+    return path
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] if args else kwargs}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+# ----------------------------------------------------------------------------
+# Seeds
+
+
+def test_parse_seeds_and_shards():
+    assert E.parse_seeds("0-3,7,9-10") == [0, 1, 2, 3, 7, 9, 10]
+    assert E.format_seeds([0, 1, 2, 3, 7, 9, 10]) == "0-3,7,9-10"
+    assert E.parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "1", "-1/2"):
+        with pytest.raises(ValueError, match="--shard"):
+            E.parse_shard(bad)
+    with pytest.raises(ValueError, match="--seeds"):
+        E.parse_seeds("3-1")
+
+
+# ----------------------------------------------------------------------------
+# Sampling: the same seed gives the same PNG bytes for any batch size and shard
+
+
+def test_sample_is_deterministic_per_seed(runs, tmp_path, capsys):
+    run = str(runs / "tiny-sct")
+    base = ["sample", "--run-dir", run, "--steps", "2", "--device", "cpu"]
+    assert main([*base, "--seeds", "0-39", "--batch", "16", "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--num", "40", "--batch", "24", "--out", str(tmp_path / "b")]) == 0
+    for i in range(3):
+        assert main([*base, "--seeds", "0-39", "--batch", "16", "--shard", f"{i}/3", "--out", str(tmp_path / "c")]) == 0
+    assert main([*base, "--seeds", "5,17-19", "--batch", "32", "--out", str(tmp_path / "d")]) == 0
+    assert "wrote 40 samples (NFE 2)" in capsys.readouterr().out
+    names = sorted(p.name for p in (tmp_path / "a").glob("0*.png"))
+    assert names == [f"{k:06d}.png" for k in range(40)]
+    assert (tmp_path / "a" / "grid.png").exists()
+    for other in ("b", "c"):
+        assert sorted(p.name for p in (tmp_path / other).glob("0*.png")) == names
+    for name in names:
+        data = (tmp_path / "a" / name).read_bytes()
+        assert (tmp_path / "b" / name).read_bytes() == data and (tmp_path / "c" / name).read_bytes() == data
+    for k in (5, 17, 18, 19):
+        assert (tmp_path / "d" / f"{k:06d}.png").read_bytes() == (tmp_path / "a" / f"{k:06d}.png").read_bytes()
+    # Different seeds give different images.
+    assert (tmp_path / "a" / "000000.png").read_bytes() != (tmp_path / "a" / "000001.png").read_bytes()
+
+
+def test_teacher_sampling_uses_solver_steps_and_labels(runs):
+    from scm.train import load_final
+
+    net, cfg = load_final(runs / "tiny-teacher")
+    images, nfe = E.generate(net, cfg, [0, 1, 2], steps=3, batch=16)
+    assert images.dtype == torch.uint8
+    assert images.shape == (3, 3, 16, 16) and nfe == 5  # DPM-Solver-2S: 2 x steps - 1
+    assert E.generate(net, cfg, [0], steps=3, batch=16, solver="euler")[1] == 3
+    _, labels, _ = E.seed_inputs([0, 1, 2, 3], (3, 16, 16), 8)
+    assert labels.shape == (4,) and int(labels.max()) < 8
+
+
+def test_latent_runs_need_a_vae():
+    cfg = C.resolve("imagenet512", "S", "sct")
+    with pytest.raises(ValueError, match="--vae"):
+        E.generate(None, cfg, [0], steps=1)
+    with pytest.raises((ImportError, FileNotFoundError), match="vae|VAE"):
+        E.load_vae("/nonexistent/sd-vae")
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: offline, metrics.json fields
+
+
+def test_evaluate_offline_writes_metrics_json(runs, fast_extractor, tmp_path, offline, capsys):
+    out = tmp_path / "metrics.json"
+    rc = main(["evaluate", "--run-dir", str(runs / "tiny-sct"), "--steps", "1", "2", "--num", "64",
+               "--seed-sets", "2", "--kid-subsets", "10", "--extractor-weights", str(fast_extractor),
+               "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    entries = json.loads(out.read_text())
+    assert [e["steps"] for e in entries] == [1, 2] and [e["nfe"] for e in entries] == [1, 2]
+    for e in entries:
+        for key in ("run_id", "method", "size", "params", "nfe", "effective_compute", "fid", "fid_min", "fid_mean",
+                    "fid_sd", "kid", "precision", "recall", "feature_extractor", "ref_stats", "num_samples",
+                    "seeds", "extractor_accuracy"):
+            assert key in e, key
+        assert e["run_id"] == "tiny-sct" and e["method"] == "sct" and e["size"] == "tS"
+        assert e["feature_extractor"] == M.SHAPES_EXTRACTOR and e["ref_stats"].startswith("shapes-scm-shapes-v1-")
+        assert len(e["fid"]) == 2 and e["fid_min"] == min(e["fid"]) and e["fid_sd"] is not None
+        assert e["seeds"] == ["0-63", "64-127"] and e["num_samples"] == 64
+        assert e["effective_compute"] == pytest.approx(e["params"] / 1e9 * e["nfe"])
+    assert (tmp_path / "cache" / f"{entries[0]['ref_stats']}.npz").exists()
+    assert len(pd.DataFrame(json.loads(out.read_text()))) == 2
+    assert "tiny-sct" in capsys.readouterr().out
+
+
+def test_imported_ref_stats_agree_with_calculate_metrics(runs, fast_extractor, tmp_path, offline):
+    run = runs / "tiny-teacher"
+    npz = tmp_path / "shapes-ref.npz"
+    assert main(["data", "ref-stats", "--run-dir", str(run), "--out", str(npz), "--device", "cpu",
+                 "--extractor-weights", str(fast_extractor), "--cache-dir", str(tmp_path / "cache")]) == 0
+    mu, sigma, meta = M.load_ref_stats(npz)
+    assert mu.shape == (128,) and meta["num_images"] == 256
+    kw = dict(steps=[2], num=64, extractor_weights=fast_extractor, cache_dir=tmp_path / "cache", device="cpu",
+              kid_subsets=10)
+    main_path = E.evaluate_run(run, **kw)[0]
+    imported = E.evaluate_run(run, ref_stats=npz, **kw)[0]
+    assert imported["fid"][0] == pytest.approx(main_path["fid"][0], rel=1e-3)
+    assert imported["kid"] is None and imported["ref_stats"] == "shapes-ref"
+
+
+def test_evaluate_errors_are_one_line(runs, tmp_path, capsys):
+    rc = main(["evaluate", "--run-dir", str(tmp_path / "missing"), "--steps", "1", "--out", str(tmp_path / "m.json")])
+    assert rc == 2 and "train it first" in capsys.readouterr().err
+    rc = main(["evaluate", "--run-dir", str(runs / "tiny-sct"), "--steps", "1", "--extractor", M.INCEPTION_EXTRACTOR,
+               "--extractor-weights", str(tmp_path / "inception.pth"), "--out", str(tmp_path / "m.json")])
+    assert rc == 2 and "scm data fetch-weights inception" in capsys.readouterr().err
