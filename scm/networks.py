@@ -84,7 +84,8 @@ def mp_silu(x, tx):
 
 def mp_sum(a, b, t: float = 0.5):
     """Magnitude-preserving interpolation (EDM2): lerp(a, b, t) / sqrt((1 - t)^2 + t^2)."""
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+    dtype = torch.promote_types(a.dtype, b.dtype)  # autocast mixes bf16/fp16 branches with fp32 skips
+    return a.to(dtype).lerp(b.to(dtype), t) / math.sqrt((1 - t) ** 2 + t ** 2)
 
 
 def mp_cat(a, b, t: float = 0.5):

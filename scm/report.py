@@ -91,7 +91,8 @@ def main_table(df: pd.DataFrame, ref: pd.DataFrame | None, dataset: str) -> pd.D
             cell = g[g["size"] == size]
             text = _fmt(cell["fid"].min()) if len(cell) else "-"
             if ref is not None and dataset in PAPER_DATASETS:
-                p = ref[(ref["dataset"] == dataset) & (ref["method"] == ("diffusion" if method == "teacher" else method))
+                paper_method = "diffusion" if method == "teacher" else method
+                p = ref[(ref["dataset"] == dataset) & (ref["method"] == paper_method)
                         & (ref["size"] == size) & (ref["nfe"] == nfe)]
                 if len(p):
                     text += f" ({p['fid'].iloc[0]:.2f})"
@@ -287,8 +288,9 @@ def build_report(metrics: list[str | Path], results: str | Path, dataset: str,
     figures.mkdir(parents=True, exist_ok=True)
     df = load_metrics(metrics)
     ref = load_reference(reference) if reference else None
+    paper_note = " (paper in parentheses)" if dataset in PAPER_DATASETS else ""
     write_table(main_table(df, ref, dataset), tables / "main.md", tables / "main.tex",
-                f"{dataset}: FID by method, NFE and size" + (" (paper in parentheses)" if dataset in PAPER_DATASETS else ""))
+                f"{dataset}: FID by method, NFE and size{paper_note}")
     write_table(ablation_table(df, results), tables / "ablations.md", tables / "ablations.tex",
                 f"{dataset}: ablations (mean ± sd over seeds)")
     write_table(cost_table(df, results), tables / "cost.md", None, f"{dataset}: training cost and FID per run")

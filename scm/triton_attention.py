@@ -46,6 +46,7 @@ machine without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -218,7 +219,12 @@ def candidate_configs(head_dim: int, dtype: torch.dtype, has_tangent: bool) -> l
 def default_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: fp32 inputs use tf32x3 (three tf32 products, ~fp32 accuracy, tensor cores);
     'ieee' (plain fp32 FMA) is exact but spills heavily on sm_90; ignored for 16-bit inputs."""
+    if dtype in _DEFAULT_PRECISION_OVERRIDE:
+        return _DEFAULT_PRECISION_OVERRIDE[dtype]
     return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+_DEFAULT_PRECISION_OVERRIDE: dict[torch.dtype, str] = {}
 
 
 _chosen: dict[tuple, KernelConfig] = {}  # (D, dtype, has_tangent) -> the config that compiled and ran
@@ -270,6 +276,19 @@ def _is_out_of_resources(exc: BaseException) -> bool:
     return "OutOfResources" in type(exc).__name__ or "out of resource" in str(exc).lower()
 
 
+def _run(kernel, grid, cfg, bd, precision, has_t, q, k, v, tq, tk, tv, out, t_out, H, M, N, D, num_m_blocks):
+    kernel[grid](
+        q, k, v, tq, tk, tv, out, t_out,
+        *q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(), *tv.stride(),
+        *out.stride(),
+        H, M, N, D, num_m_blocks,
+        LOG2E / math.sqrt(D), 1.0 / math.sqrt(D),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
+        HAS_TANGENT=has_t, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
 def _launch(q, k, v, tq=None, tk=None, tv=None, config: KernelConfig | None = None,
             precision: str | None = None):
     """(out, t_out or None); out and t_out are new contiguous (B, H, M, D) tensors in q's dtype."""
@@ -281,33 +300,35 @@ def _launch(q, k, v, tq=None, tk=None, tv=None, config: KernelConfig | None = No
     t_out = torch.empty_like(out) if has_t else None
     if B * H * M == 0:
         return out, t_out
+    explicit_precision = precision is not None
     if precision is None:
         precision = default_precision(q.dtype)
     tq_, tk_, tv_ = (tq, tk, tv) if has_t else (q, k, v)  # dummies, never read without tangents
     to_ = t_out if has_t else out
     bd = _pow2_at_least(D)
     key = (D, q.dtype, has_t, precision)
-    configs = [config] if config is not None else ([_chosen[key]] if key in _chosen else
-                                                   candidate_configs(D, q.dtype, has_t))
+    if config is not None:
+        configs = [config]
+    else:  # the config that worked last for this key first (new strides can mean a new compilation)
+        configs = candidate_configs(D, q.dtype, has_t)
+        if key in _chosen:
+            configs = [_chosen[key]] + [c for c in configs if c != _chosen[key]]
     last_exc: BaseException | None = None
     for cfg in configs:
         num_m_blocks = -(-M // cfg.block_m)
         grid = (num_m_blocks * B * H,)
         try:
-            kernel[grid](
-                q, k, v, tq_, tk_, tv_, out, to_,
-                *q.stride(), *k.stride(), *v.stride(), *tq_.stride(), *tk_.stride(), *tv_.stride(),
-                *out.stride(),
-                H, M, N, D, num_m_blocks,
-                LOG2E / math.sqrt(D), 1.0 / math.sqrt(D),
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
-                HAS_TANGENT=has_t, PRECISION=precision,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
+            with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+                _run(kernel, grid, cfg, bd, precision, has_t, q, k, v, tq_, tk_, tv_, out, to_, H, M, N, D,
+                     num_m_blocks)
         except Exception as exc:  # noqa: BLE001
             if config is None and _is_out_of_resources(exc):
                 last_exc = exc
                 continue
+            if precision == "tf32x3" and not explicit_precision:
+                # A Triton without tf32x3 for this target: fall back to plain fp32 once, and remember.
+                _DEFAULT_PRECISION_OVERRIDE[q.dtype] = "ieee"
+                return _launch(q, k, v, tq, tk, tv, config=config, precision="ieee")
             raise
         _chosen[key] = cfg
         return out, t_out
@@ -429,7 +450,8 @@ def compile_offline(head_dim: int = 64, dtype: torch.dtype = torch.bfloat16, has
                     config: KernelConfig | None = None, arch: int = 90, precision: str | None = None) -> dict:
     """Compile the kernel for CUDA sm_<arch> without a device (ptxas ships with Triton).
 
-    Returns {"n_regs", "n_spills", "shared", "config"}. Triton's compile API changes between versions;
+    Returns {"shared", "config", "resources": {registers, stack_bytes, hgmma, hmma, ldl} or None}.
+    Triton's compile API changes between versions;
     callers should treat an exception as "could not check", not as a kernel bug, unless it is a
     CompilationError.
     """
@@ -457,6 +479,23 @@ def compile_offline(head_dim: int = 64, dtype: torch.dtype = torch.bfloat16, has
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    meta = compiled.metadata
-    return {"n_regs": getattr(compiled, "n_regs", None), "n_spills": getattr(compiled, "n_spills", None),
-            "shared": getattr(meta, "shared", None), "config": cfg.__dict__}
+    info = {"shared": getattr(compiled.metadata, "shared", None), "config": cfg.__dict__, "resources": None}
+    # Registers, stack (spills) and the matrix instructions, from the cubin with the cuobjdump Triton ships.
+    import shutil
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    cubin = compiled.asm.get("cubin") if hasattr(compiled, "asm") else None
+    if tool and cubin:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+            sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+        line = next((ln.strip() for ln in res.splitlines() if "REG:" in ln), "")
+        fields = dict(kv.split(":", 1) for kv in line.split() if ":" in kv)
+        info["resources"] = {"registers": int(fields.get("REG", -1)), "stack_bytes": int(fields.get("STACK", -1)),
+                             "hgmma": sass.count("HGMMA"), "hmma": sass.count("HMMA"), "ldl": sass.count("LDL")}
+    return info

@@ -151,3 +151,12 @@ def test_on_eval_hook_and_stop_training(tmp_path):
         train(tiny_cfg(**{"run.eval_kimg": 0.16}), tmp_path, on_eval=on_eval)
     assert seen == [10, 20]
     assert read_status(tmp_path) == {**read_status(tmp_path), "state": "stopped", "reason": "pruned at step 20"}
+
+
+@pytest.mark.parametrize("method", ["teacher", "sct"])
+def test_bf16_autocast_training_on_cpu(tmp_path, method):
+    # mixed precision: residual streams in fp32 meet bf16 branches (mp_sum must promote)
+    status = train(tiny_cfg(**{"run.method": method, "run.precision": "bf16", "run.total_kimg": 0.08}), tmp_path)
+    assert status["state"] == "completed"
+    stats = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert all(row["loss"] == row["loss"] for row in stats)  # finite

@@ -1,7 +1,6 @@
 """The Snakemake pipeline: lint, dry runs of every study and profile, a tiny real run end to end."""
 
 import os
-import shutil
 import subprocess
 import sys
 import time

@@ -1,0 +1,755 @@
+"""Hyperparameter sweeps with Optuna: a study file, N workers on one storage, outputs for the pipeline.
+
+A study file (config/sweeps/*.yaml) declares the search space over config fields (dotted keys), the
+base run every trial trains (dataset x size x method + fixed overrides), the objective (FID of the EMA
+network at 1 or 2 consistency steps), the direction, sampler, pruner, trial budget and storage.
+
+    OUT/journal.log         the study: JournalStorage (several processes on one filesystem), or an RDB URL
+    OUT/trials/<number>/    one training run per trial (the storage numbers trials: decidable up front)
+    OUT/trials.csv          study.trials_dataframe()
+    OUT/best.yaml           the best trial's params as nested config overrides (`scm train --overrides`)
+    OUT/figures/*.png       optimization history, parallel coordinates, importances, intermediate values
+    OUT/workers/<stamp>/    submitit logs of the worker processes / jobs
+
+One coordinating process (run_sweep) prepares the study, marks trials left RUNNING by a crashed run as
+FAIL (journal files have no heartbeat), then starts the workers (run_worker: in-process, local
+subprocesses or a SLURM job array), which optimize the same study until the trial budget is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from scm import config as C
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "random", "gp", "cmaes", "grid")
+PRUNERS = ("median", "hyperband", "none")
+PARAM_TYPES = ("float", "int", "categorical")
+METHODS = ("sct", "scd")
+# The run's identity comes from the base run, not from the search space.
+FIXED_KEYS = {"data.name", "run.method", "run.size", "run.teacher_run_dir"}
+# The budget counts trials that finished or are running (waiting retries still run; see TrialBudget).
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+STALE_REASON = "stale after restart"
+
+
+class SweepError(RuntimeError):
+    """A sweep that could not produce its outputs (no completed trial, budget not reached)."""
+
+
+# ----------------------------------------------------------------------------
+# The study file: strict dataclasses (unknown keys are errors naming the file and the key).
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple | None = None
+
+
+@dataclass
+class BaseRun:
+    dataset: str = "shapes"
+    size: str = "tS"
+    method: str = "sct"
+    teacher_run_dir: str = ""
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class ObjectiveSpec:
+    steps: int = 1                       # consistency steps of the FID (1 or 2)
+    num_samples: int = 256               # samples for the trial's final FID
+    eval_num_samples: int = 128          # samples for the FIDs reported every run.eval_kimg (pruning)
+    batch: int = 256                     # sampling batch
+    extractor: str | None = None         # None = scm.metrics' default for the dataset
+    extractor_weights: str | None = None
+    cache_dir: str = "results/cache/ref-stats"
+
+
+@dataclass
+class SamplerSpec:
+    name: str = "tpe"
+    seed: int | None = 0                 # worker i uses seed + i (distinct random startup trials)
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class PrunerSpec:
+    name: str = "median"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: BaseRun
+    space: dict[str, Param]
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    direction: str = "minimize"
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = field(default_factory=PrunerSpec)
+    n_trials: int = 8
+    storage: str | None = None           # None = OUT/journal.log; a path = a journal file; or an RDB URL
+    retry_stale: int = 1                 # re-run a stale (crashed) trial's params up to this many times
+    heartbeat_interval: int = 60         # RDB storages only
+    grace_period: int = 180
+    figures: str | None = None           # None = OUT/figures
+
+    def identity(self) -> dict:
+        """What makes two study files the same study (the budget, storage and plots may change)."""
+        objective = {k: v for k, v in dataclasses.asdict(self.objective).items() if k != "cache_dir"}
+        return json.loads(json.dumps({"base": dataclasses.asdict(self.base), "direction": self.direction,
+                                      "objective": objective,
+                                      "space": {k: dataclasses.asdict(p) for k, p in self.space.items()}}))
+
+
+def _build(cls, raw: Any, where: str):
+    """cls(**raw) with unknown keys reported by name."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise C.ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(raw) - known)
+    if bad:
+        raise C.ConfigError(f"{where}: unknown keys {bad}; known: {sorted(known)}")
+    return cls(**raw)
+
+
+def _space_items(raw: dict, prefix: str = ""):
+    """Dotted or nested keys down to the parameter declarations (mappings with a 'type')."""
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and "type" not in v:
+            yield from _space_items(v, key + ".")
+        else:
+            yield key, v
+
+
+def _parse_param(key: str, raw: Any, where: str) -> Param:
+    if not isinstance(raw, dict):
+        raise C.ConfigError(f"{where}: space.{key}: expected a mapping like {{type: float, low: 0.1, high: 1}}")
+    p = _build(Param, {"key": key, **raw}, f"{where}: space.{key}")
+    if key in FIXED_KEYS:
+        raise C.ConfigError(f"{where}: space.{key}: set it in base, it cannot be searched")
+    if p.type not in PARAM_TYPES:
+        raise C.ConfigError(f"{where}: space.{key}: type {p.type!r}; choose one of {list(PARAM_TYPES)}")
+    if p.choices is not None or p.type == "categorical":
+        if not isinstance(p.choices, (list, tuple)) or not p.choices:
+            raise C.ConfigError(f"{where}: space.{key}: give a non-empty list of choices")
+        values = list(p.choices)
+        p = dataclasses.replace(p, choices=tuple(p.choices))
+    else:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (p.low, p.high)):
+            raise C.ConfigError(f"{where}: space.{key}: {p.type} needs numbers low and high (or choices)")
+        if not p.low < p.high:
+            raise C.ConfigError(f"{where}: space.{key}: low {p.low} must be below high {p.high}")
+        if p.log and (p.low <= 0 or p.step is not None):
+            raise C.ConfigError(f"{where}: space.{key}: log needs low > 0 and no step")
+        if p.type == "int" and not all(float(v).is_integer() for v in (p.low, p.high, p.step or 1)):
+            raise C.ConfigError(f"{where}: space.{key}: int needs integer low, high and step")
+        values = [p.low, p.high]
+    # Every value the sampler may pick must be a valid value of the config field (type and range).
+    probe = C.Config()
+    for v in values:
+        try:
+            C.apply_override(probe, key, v)
+        except C.ConfigError as e:
+            raise C.ConfigError(f"{where}: space.{key}: {e}") from None
+    return p
+
+
+def parse_spec(raw: dict, name: str = "sweep", where: str = "study") -> SweepSpec:
+    """A SweepSpec from the study file's contents; every key and value checked up front."""
+    raw = dict(raw or {})
+    for key in ("base", "space"):
+        if key not in raw:
+            raise C.ConfigError(f"{where}: missing '{key}'")
+    space_raw = raw.pop("space")
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise C.ConfigError(f"{where}: space: declare at least one parameter")
+    base = _build(BaseRun, raw.pop("base"), f"{where}: base")
+    spec = _build(SweepSpec, {"name": name, **raw, "base": base,
+                              "space": {k: _parse_param(k, v, where) for k, v in _space_items(space_raw)}}, where)
+    spec.objective = _build(ObjectiveSpec, raw.get("objective"), f"{where}: objective")
+    spec.sampler = _build(SamplerSpec, raw.get("sampler"), f"{where}: sampler")
+    spec.pruner = _build(PrunerSpec, raw.get("pruner"), f"{where}: pruner")
+    spec.base.overrides = C.flatten(spec.base.overrides or {})
+    # Choices and ranges that the code below relies on.
+    checks = [(spec.base.method in METHODS, f"base.method: {spec.base.method!r}; choose one of {list(METHODS)}"),
+              (spec.base.method != "scd" or spec.base.teacher_run_dir, "base.teacher_run_dir: sCD needs the "
+                                                                        "run directory of a finished teacher"),
+              (spec.direction in ("minimize", "maximize"), f"direction: {spec.direction!r}; minimize or maximize"),
+              (spec.sampler.name in SAMPLERS, f"sampler.name: {spec.sampler.name!r}; one of {list(SAMPLERS)}"),
+              (spec.pruner.name in PRUNERS, f"pruner.name: {spec.pruner.name!r}; one of {list(PRUNERS)}"),
+              (isinstance(spec.n_trials, int) and spec.n_trials >= 1, "n_trials: a positive integer"),
+              (spec.objective.steps >= 1 and spec.objective.num_samples >= 2 and spec.objective.eval_num_samples >= 2,
+               "objective: steps >= 1 and num_samples, eval_num_samples >= 2"),
+              (spec.sampler.name != "grid" or all(p.choices for p in spec.space.values()),
+               "sampler grid: every space parameter needs a list of choices"),
+              (not set(spec.space) & set(spec.base.overrides),
+               f"space and base.overrides both set {sorted(set(spec.space) & set(spec.base.overrides))}")]
+    for ok, message in checks:
+        if not ok:
+            raise C.ConfigError(f"{where}: {message}")
+    if spec.sampler.name == "grid":  # a grid has as many trials as points at most
+        size = math.prod(len(p.choices) for p in spec.space.values())
+        spec.n_trials = min(spec.n_trials, size)
+    try:
+        base_config(spec)
+    except C.ConfigError as e:
+        raise C.ConfigError(f"{where}: base: {e}") from None
+    return spec
+
+
+def load_spec(path: str | Path, n_trials: int | None = None, storage: str | None = None) -> SweepSpec:
+    """The study file at `path` (name defaults to the file's stem); n_trials/storage override it."""
+    path = Path(path)
+    if not path.exists():
+        raise C.ConfigError(f"--study: {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if n_trials is not None:
+        raw["n_trials"] = n_trials
+    if storage:
+        raw["storage"] = storage
+    return parse_spec(raw, name=str(raw.pop("name", path.stem)), where=str(path))
+
+
+def base_config(spec: SweepSpec, params: dict[str, Any] | None = None) -> C.Config:
+    """The resolved config of a trial: preset, base overrides, the teacher, then the trial's params."""
+    b = spec.base
+    extra = {"run.teacher_run_dir": b.teacher_run_dir} if b.method == "scd" else {}
+    return C.resolve(b.dataset, b.size, b.method, {**b.overrides, **extra, **(params or {})})
+
+
+def suggest(trial: optuna.Trial, space: dict[str, Param]) -> dict[str, Any]:
+    """The trial's values of every space parameter (Optuna param names = the dotted config keys)."""
+    out = {}
+    for key, p in space.items():
+        if p.choices is not None:
+            out[key] = trial.suggest_categorical(key, list(p.choices))
+        elif p.type == "int":
+            out[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            out[key] = trial.suggest_float(key, float(p.low), float(p.high), step=p.step, log=p.log)
+    return out
+
+
+def trial_dir(out: str | Path, number: int) -> Path:
+    return Path(out) / "trials" / str(number)
+
+
+# ----------------------------------------------------------------------------
+# Storage, sampler, pruner.
+
+
+def is_url(storage: str) -> bool:
+    return "://" in storage
+
+
+def resolve_storage(spec: SweepSpec, out: str | Path) -> str:
+    """An RDB URL as given, or the absolute path of the journal file (default OUT/journal.log)."""
+    if spec.storage and is_url(spec.storage):
+        return spec.storage
+    return str(Path(spec.storage or Path(out) / "journal.log").resolve())
+
+
+def make_storage(storage: str, spec: SweepSpec):
+    """JournalStorage on a file, or RDBStorage with heartbeats (killed workers' trials fail and are retried)."""
+    if not is_url(storage):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        Path(storage).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(storage))
+    if storage.startswith("sqlite"):
+        log.warning("SQLite is not safe for several workers or network filesystems: use a journal file or "
+                    "PostgreSQL/MySQL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = (optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.retry_stale)
+                 if spec.retry_stale else None)
+        return optuna.storages.RDBStorage(storage, heartbeat_interval=spec.heartbeat_interval,
+                                          grace_period=spec.grace_period, heartbeat_stale_trial_callback=retry)
+
+
+def make_sampler(spec: SweepSpec, worker: int = 0) -> optuna.samplers.BaseSampler:
+    s = spec.sampler
+    seed = None if s.seed is None else s.seed + worker
+    S = optuna.samplers
+    try:
+        if s.name == "tpe":
+            return S.TPESampler(seed=seed, **s.options)
+        if s.name == "random":
+            return S.RandomSampler(seed=seed, **s.options)
+        if s.name == "grid":
+            return S.GridSampler({k: list(p.choices) for k, p in spec.space.items()}, seed=seed, **s.options)
+        if s.name == "cmaes":
+            _require("cmaes", "sampler 'cmaes' needs the cmaes package")
+            return S.CmaEsSampler(seed=seed, **s.options)
+        _require("scipy", "sampler 'gp' needs scipy (and torch)")
+        return S.GPSampler(seed=seed, **s.options)
+    except TypeError as e:  # an option the sampler does not take
+        raise C.ConfigError(f"sampler.options for {s.name!r}: {e}") from None
+
+
+def _require(module: str, what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{what}: pip install 'scm-bench[sweeps]' (or pip install {module})")
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    P = optuna.pruners
+    kind = {"median": P.MedianPruner, "hyperband": P.HyperbandPruner, "none": P.NopPruner}[spec.pruner.name]
+    try:
+        return kind(**spec.pruner.options)
+    except TypeError as e:
+        raise C.ConfigError(f"pruner.options for {spec.pruner.name!r}: {e}") from None
+
+
+# ----------------------------------------------------------------------------
+# The trial budget.
+
+
+class TrialBudget(optuna.study.MaxTrialsCallback):
+    """MaxTrialsCallback that also counts RUNNING trials (other workers' trials in flight) and keeps
+    going while trials WAIT (retries of stale trials): the total stops at n_trials, up to a race of a
+    few milliseconds when two workers finish at the same instant (then at most workers - 1 extra)."""
+
+    def __init__(self, n_trials: int):
+        super().__init__(n_trials, states=COUNTED)
+
+    def reached(self, study: optuna.Study) -> bool:
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return False
+        return sum(t.state in COUNTED for t in trials) >= self._n_trials
+
+    def remaining(self, study: optuna.Study) -> int:
+        """Trials still to run: new ones up to the budget, and at least every waiting one."""
+        trials = study.get_trials(deepcopy=False)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        return max(self._n_trials - sum(t.state in COUNTED for t in trials), waiting)
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        if self.reached(study):
+            study.stop()
+
+
+# ----------------------------------------------------------------------------
+# The objective: train the trial's run, report FIDs of the EMA network, return the final FID.
+
+
+class TrainingObjective:
+    """FID at spec.objective.steps of the trial's EMA network after a short sCT/sCD run in OUT/trials/N.
+
+    Every run.eval_kimg, train() calls back: the FID on eval_num_samples seeds is reported to the pruner,
+    and a pruned trial stops training (StopTraining -> optuna.TrialPruned). Picklable (workers run it)."""
+
+    def __init__(self, spec: SweepSpec, out: str | Path):
+        # Paths absolute in the coordinator's directory: SLURM workers may start elsewhere.
+        from scm import metrics as M
+
+        absolute = lambda p: str(Path(p).resolve()) if p else p
+        o = spec.objective
+        if not o.extractor_weights and (o.extractor or M.default_extractor(spec.base.dataset)) == M.SHAPES_EXTRACTOR:
+            o = dataclasses.replace(o, extractor_weights=M.DEFAULT_SHAPES_EXTRACTOR_PATH)
+        spec = dataclasses.replace(spec, objective=dataclasses.replace(
+            o, cache_dir=absolute(o.cache_dir), extractor_weights=absolute(o.extractor_weights)),
+            base=dataclasses.replace(spec.base, teacher_run_dir=absolute(spec.base.teacher_run_dir)))
+        self.spec, self.out, self._ref = spec, str(Path(out).resolve()), None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_ref": None}  # the reference (real images) is rebuilt per process
+
+    def reference(self, cfg):
+        from scm import evaluate as E
+        from scm import metrics as M
+
+        if self._ref is None:
+            o = self.spec.objective
+            self._ref = M.make_reference(cfg.data.name, E.real_images(cfg.data), o.extractor,
+                                         o.extractor_weights, o.cache_dir)
+        return self._ref
+
+    def prepare(self) -> None:
+        """In the coordinator, before workers start: the teacher is finished; the reference statistics
+        (and the shapes extractor) exist, so that workers only read them."""
+        from scm import evaluate as E
+        from scm import metrics as M
+        from scm.train import load_final
+
+        cfg = base_config(self.spec)
+        if cfg.run.method == "scd":
+            load_final(Path(cfg.run.teacher_run_dir), "ema")  # raises TeacherNotReadyError with a hint
+        M.reference_stats(self.reference(cfg), str(E.resolve_device(cfg.run.device)))
+
+    def fid(self, net, cfg, num: int) -> float:
+        from scm import evaluate as E
+        from scm import metrics as M
+
+        o = self.spec.objective
+        device = E.resolve_device(cfg.run.device)
+        images, _ = E.generate(net, cfg, list(range(num)), o.steps, batch=min(o.batch, num), device=device)
+        return M.compute_metrics(images, self.reference(cfg), kid=False, prc=False, device=str(device))["fid"]
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from scm.evaluate import resolve_device
+        from scm.train import DivergedError, StopTraining, load_final, train
+
+        cfg = base_config(self.spec, suggest(trial, self.spec.space))
+        run_dir = trial_dir(self.out, trial.number)
+        trial.set_user_attr("run_dir", str(run_dir))
+        # Trial numbers are unique in a study: a directory already there is from a study started afresh.
+        if run_dir.exists():
+            log.warning("removing %s left by an earlier study", run_dir)
+            shutil.rmtree(run_dir)
+
+        def on_eval(step: int, kimg: float, ema) -> None:
+            # Intermediate FID for the pruner; a non-finite one is a diverged run.
+            value = self.fid(ema, cfg, self.spec.objective.eval_num_samples)
+            if not math.isfinite(value):
+                raise DivergedError(f"non-finite FID {value} at step {step}")
+            trial.report(value, step)
+            if trial.should_prune():
+                raise StopTraining(f"pruned at step {step} ({kimg:.2f} kimg): FID {value:.4g}")
+
+        t0 = time.time()
+        try:
+            train(cfg, run_dir, on_eval=on_eval)
+        except StopTraining as e:
+            trial.set_user_attr("reason", str(e))
+            trial.set_user_attr("seconds", round(time.time() - t0, 2))
+            raise optuna.TrialPruned(str(e)) from None
+        net, _ = load_final(run_dir, "ema", resolve_device(cfg.run.device))
+        value = self.fid(net, cfg, self.spec.objective.num_samples)
+        trial.set_user_attr("seconds", round(time.time() - t0, 2))
+        return value
+
+
+# ----------------------------------------------------------------------------
+# A worker: optimize the shared study until the budget is spent.
+
+
+def _guard(objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
+    """The reason of every pruned or failed trial in user_attrs['reason']; non-finite values fail."""
+    from scm.train import DivergedError
+
+    where = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", where)
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned as e:
+            if "reason" not in trial.user_attrs:
+                trial.set_user_attr("reason", str(e) or "pruned")
+            raise
+        except DivergedError as e:
+            trial.set_user_attr("reason", f"diverged: {e}")
+            raise
+        except Exception as e:
+            trial.set_user_attr("reason", f"{type(e).__name__}: {e}")
+            raise
+        if value is None or not math.isfinite(value):
+            trial.set_user_attr("reason", f"non-finite objective value {value!r}")
+            return float("nan")  # Optuna records the trial as FAIL and goes on
+        return float(value)
+
+    return run
+
+
+def _exit_with(pid: int, poll_s: float = 1.0) -> None:
+    """Local workers end with their coordinator, so a restart never marks a live trial stale."""
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                log.error("coordinator %d is gone: worker %d exits", pid, os.getpid())
+                os._exit(3)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, daemon=True, name="coordinator-watch").start()
+
+
+def run_worker(spec: SweepSpec, storage: str, objective: Callable[[optuna.Trial], float], worker: int = 0,
+               coordinator_pid: int | None = None) -> list[int]:
+    """One worker (the entry point of every launcher): load the study and optimize it until the budget is
+    spent. Diverged or infeasible trials fail and the worker goes on. Returns the trial numbers it ran."""
+    import torch
+
+    from scm.train import DivergedError
+
+    if not logging.getLogger().handlers:  # a job's entry point: show progress in the job log
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if coordinator_pid:
+        _exit_with(coordinator_pid)
+    study = optuna.load_study(study_name=spec.name, storage=make_storage(storage, spec),
+                              sampler=make_sampler(spec, worker), pruner=make_pruner(spec))
+    budget, ran = TrialBudget(spec.n_trials), []
+    if budget.reached(study):
+        return ran
+    study.optimize(_guard(objective), callbacks=[lambda s, t: ran.append(t.number), budget],
+                   catch=(DivergedError, C.ConfigError, torch.OutOfMemoryError), gc_after_trial=True)
+    log.info("worker %d ran trials %s", worker, ran)
+    return ran
+
+
+# ----------------------------------------------------------------------------
+# The coordinator.
+
+
+def open_study(spec: SweepSpec, storage: str, restart: bool = False, out: str | Path | None = None) -> optuna.Study:
+    """Create the study or load it; a study declared differently (space, base, objective, direction) is an
+    error, unless restart (a journal file holding only this study) moves the journal and OUT/trials aside."""
+    backend = make_storage(storage, spec)
+    study = optuna.create_study(study_name=spec.name, storage=backend, direction=spec.direction,
+                                load_if_exists=True)
+    old = study.user_attrs.get("spec")
+    if old is not None and old != spec.identity():
+        diff = sorted(k for k in spec.identity() if old.get(k) != spec.identity()[k])
+        if not restart:
+            raise C.ConfigError(f"study {spec.name!r} in {storage} was declared with other {diff}; start it "
+                                "afresh with --restart, or use another --out / name")
+        if is_url(storage) or optuna.get_all_study_names(backend) != [spec.name]:
+            raise C.ConfigError(f"--restart: {storage} holds other studies too; rename this study (name:) "
+                                "or delete it by hand")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        log.warning("study changed (%s): moving %s and its trials aside (.%s)", diff, storage, stamp)
+        os.replace(storage, f"{storage}.{stamp}.bak")
+        trials = Path(out or Path(storage).parent) / "trials"
+        if trials.exists():
+            os.replace(trials, trials.with_name(f"trials.{stamp}.bak"))
+        return open_study(spec, storage)
+    if old is None:
+        study.set_user_attr("spec", spec.identity())
+    return study
+
+
+def fail_stale_trials(study: optuna.Study, retry: int = 1) -> list[int]:
+    """Mark every RUNNING trial FAIL (reason 'stale after restart') and enqueue its params again (up to
+    `retry` times). Journal files have no heartbeat: call this only in the coordinating process, before
+    any worker of this study runs."""
+    storage, stale = study._storage, study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        # The reason first: a finished trial's attributes can no longer be set.
+        storage.set_trial_user_attr(t._trial_id, "reason", STALE_REASON)
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        retries = t.user_attrs.get("retries", 0)
+        if retries < retry and t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.user_attrs.get("retry_of", t.number),
+                                                      "retries": retries + 1})
+    if stale:
+        log.warning("marked stale trials %s FAIL (%s)", [t.number for t in stale], STALE_REASON)
+    return [t.number for t in stale]
+
+
+def _wait_for_previous_jobs(out: Path) -> None:
+    """SLURM workers outlive a killed coordinator: wait for those still queued or running."""
+    import submitit
+
+    from scm.launch import ACTIVE_SLURM_STATES
+
+    info_path = out / "workers.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    if info.get("launcher") != "slurm":
+        return
+    for job_id in info["job_ids"]:
+        job = submitit.SlurmJob(folder=info["folder"], job_id=job_id)
+        while job.state in ACTIVE_SLURM_STATES:
+            log.info("waiting for worker job %s of an earlier run (%s)", job_id, job.state)
+            time.sleep(30)
+
+
+def _launch(spec: SweepSpec, storage: str, objective, n: int, launcher: str, profile, out: Path) -> list[str]:
+    """n workers: in this process (debug: one), local subprocesses or a SLURM job array; returns errors."""
+    from scm import launch as L
+
+    if launcher == "debug":
+        if n > 1:
+            log.info("debug launcher: one worker in this process (instead of %d)", n)
+        run_worker(spec, storage, objective, 0)
+        return []
+    import submitit
+
+    # One task per worker (a profile's DDP tasks would each optimize the study); local: no short limit.
+    default = L.ClusterProfile(time_min=7 * 24 * 60) if launcher == "local" else L.ClusterProfile()
+    profile = dataclasses.replace(profile or default, nodes=1, tasks_per_node=1)
+    folder = out / "workers" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    ex = L.make_executor(launcher, folder, profile, job_name=f"scm-sweep-{spec.name}")
+    if launcher == "slurm":
+        ex.update_parameters(array_parallelism=n)
+    pid = os.getpid() if launcher == "local" else None
+    jobs = ex.map_array(run_worker, [spec] * n, [storage] * n, [objective] * n, list(range(n)), [pid] * n)
+    tmp = out / f".workers.json.{os.getpid()}"
+    tmp.write_text(json.dumps({"launcher": launcher, "folder": str(folder), "job_ids": [j.job_id for j in jobs]}))
+    os.replace(tmp, out / "workers.json")
+    log.info("%d %s workers: %s (logs in %s)", n, launcher, [j.job_id for j in jobs], folder)
+    errors = []
+    for job in jobs:
+        try:
+            job.result()
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
+            errors.append(f"worker job {job.job_id}: {str(e).strip().splitlines()[-1] if str(e) else e} "
+                          f"(log {job.paths.stderr})")
+            log.error("%s", errors[-1])
+    return errors
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, workers: int = 1, launcher: str = "local", profile=None,
+              objective: Callable[[optuna.Trial], float] | None = None, figures: str | Path | None = None,
+              restart: bool = False) -> dict:
+    """Run (or continue) the study with `workers` workers, then write trials.csv, best.yaml and figures.
+
+    objective defaults to TrainingObjective(spec, out); any picklable callable(trial) -> float works.
+    Returns a summary; raises SweepError (after writing what it can) when no trial completed or the
+    budget was not reached."""
+    t0 = time.time()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = resolve_storage(spec, out)
+    if launcher == "slurm":
+        _wait_for_previous_jobs(out)
+    study = open_study(spec, storage, restart, out)
+    if is_url(storage):  # RDB: trials whose heartbeat stopped fail (and are retried) before counting
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    else:
+        fail_stale_trials(study, spec.retry_stale)
+    objective = objective or TrainingObjective(spec, out)
+    budget = TrialBudget(spec.n_trials)
+    n = min(max(1, workers), budget.remaining(study))
+    errors = []
+    if n > 0:
+        if hasattr(objective, "prepare"):
+            objective.prepare()
+        errors = _launch(spec, storage, objective, n, launcher, profile, out)
+    else:
+        log.info("study %s already has its %d trials", spec.name, spec.n_trials)
+    study = optuna.load_study(study_name=spec.name, storage=make_storage(storage, spec))
+    summary = write_outputs(study, spec, out, Path(figures or spec.figures or out / "figures"))
+    summary.update({"storage": storage, "seconds": round(time.time() - t0, 2), "worker_errors": errors})
+    if summary["complete"] == 0:
+        raise SweepError(f"study {spec.name!r}: no trial completed ({summary['pruned']} pruned, "
+                         f"{summary['fail']} failed); see {summary['trials_csv']}" + "".join(f"\n{e}" for e in errors))
+    if budget.remaining(study) > 0:
+        raise SweepError(f"study {spec.name!r}: {budget.remaining(study)} trials of {spec.n_trials} still to "
+                         "run (run the same command again to continue)" + "".join(f"\n{e}" for e in errors))
+    return summary
+
+
+# ----------------------------------------------------------------------------
+# Outputs.
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'optim.lr': x} -> {'optim': {'lr': x}} (the inverse of scm.config.flatten)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        d = out
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[leaf] = value
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_best_yaml(study: optuna.Study, spec: SweepSpec, path: str | Path) -> Path:
+    """The best trial's params as nested config overrides, with value and trial number in a header."""
+    best, path = study.best_trial, Path(path)
+    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    header = [f"# Best trial of sweep study '{spec.name}' (scm sweep): use with scm train --overrides THIS_FILE",
+              f"# trial {best.number}: FID at {spec.objective.steps} step(s) = {best.value:.6g} ({spec.direction})",
+              f"# base run: {spec.base.dataset} {spec.base.size} {spec.base.method}; trials: "
+              + ", ".join(f"{v} {k}" for k, v in counts.items())]
+    _atomic_write(path, "\n".join(header) + "\n" + yaml.safe_dump(nest(best.params), sort_keys=True))
+    return path
+
+
+def write_figures(study: optuna.Study, out_dir: str | Path) -> list[str]:
+    """PNG plots through optuna.visualization.matplotlib; each one guarded (importances need >= 2
+    completed trials and may fail): a plot that cannot be drawn is logged and skipped."""
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # headless workers and pipelines
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as vis
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    plots = {"history": vis.plot_optimization_history, "parallel_coordinate": vis.plot_parallel_coordinate,
+             "param_importances": vis.plot_param_importances, "intermediate_values": vis.plot_intermediate_values}
+    written = []
+    for name, plot in plots.items():
+        if name == "param_importances" and complete < 2:
+            log.info("figure %s skipped: needs >= 2 completed trials (%d)", name, complete)
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # experimental API; degenerate axes of tiny studies
+                ax = plot(study)
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            path = out_dir / f"{name}.png"
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+            written.append(str(path))
+        except Exception as e:  # a plot is a convenience: never fail the sweep for it
+            log.warning("figure %s skipped: %s: %s", name, type(e).__name__, e)
+    return written
+
+
+def write_outputs(study: optuna.Study, spec: SweepSpec, out: Path, figures: Path) -> dict:
+    """trials.csv always; best.yaml and figures once a trial completed. Returns the summary."""
+    df = study.trials_dataframe()
+    _atomic_write(out / "trials.csv", df.to_csv(index=False))
+    count = lambda s: len(study.get_trials(deepcopy=False, states=(s,)))
+    summary = {"study": spec.name, "n_trials": spec.n_trials, "trials": len(study.trials),
+               "complete": count(TrialState.COMPLETE), "pruned": count(TrialState.PRUNED),
+               "fail": count(TrialState.FAIL), "trials_csv": str(out / "trials.csv"), "best_yaml": None,
+               "best_trial": None, "best_value": None, "best_params": None, "figures": []}
+    if summary["complete"]:
+        best = study.best_trial
+        summary.update(best_trial=best.number, best_value=best.value, best_params=best.params,
+                       best_yaml=str(write_best_yaml(study, spec, out / "best.yaml")))
+        summary["figures"] = write_figures(study, figures)
+    return summary

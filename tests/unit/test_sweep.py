@@ -1,0 +1,372 @@
+"""Sweeps (scm.sweep): the study file, concurrent workers on one storage, crash/restart, divergence, outputs.
+
+Cheap objectives (a quadratic of the params) run through the same worker entry point as training, so
+these tests take seconds; the training objective has its own test in tests/integration/test_sweep.py.
+"""
+
+import glob
+import math
+import multiprocessing
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from scm import config as C
+from scm import sweep as S
+from scm.train import DivergedError
+
+ROOT = Path(__file__).resolve().parents[2]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def cheap_spec(n_trials=6, name="cheap", **over) -> S.SweepSpec:
+    raw = {"base": {"dataset": "shapes", "size": "tS", "method": "sct"},
+           "space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+                     "loss.P_mean": {"type": "float", "low": -2.0, "high": 0.0}},
+           "n_trials": n_trials, "sampler": {"name": "tpe", "seed": 0, "options": {"n_startup_trials": 3}},
+           "pruner": {"name": "none"}, **over}
+    return S.parse_spec(raw, name=name)
+
+
+# ----------------------------------------------------------------------------
+# Objectives for the workers (top level: pickled by reference into worker processes).
+
+
+class Quadratic:
+    """(log10 lr + 2)^2 + (P_mean + 1)^2; each call appends 'pid number' to `log_dir`/calls.txt."""
+
+    def __init__(self, log_dir, sleep=0.0, hang_on=None):
+        self.log_dir, self.sleep, self.hang_on = str(log_dir), sleep, hang_on
+
+    def __call__(self, trial):
+        p = S.suggest(trial, SPACE)
+        with open(os.path.join(self.log_dir, "calls.txt"), "a") as f:
+            f.write(f"{os.getpid()} {trial.number}\n")
+        if trial.number == self.hang_on:  # the crash drill: stay RUNNING until killed
+            Path(self.log_dir, "hanging").write_text(str(trial.number))
+            time.sleep(600)
+        time.sleep(self.sleep)
+        return (math.log10(p["optim.lr"]) + 2) ** 2 + (p["loss.P_mean"] + 1) ** 2
+
+
+SPACE = cheap_spec().space
+
+
+class Troubled(Quadratic):
+    """Trial 1 diverges, trial 2 returns NaN, the others are quadratic."""
+
+    def __call__(self, trial):
+        if trial.number == 1:
+            raise DivergedError("non-finite loss or gradient at step 7")
+        if trial.number == 2:
+            S.suggest(trial, SPACE)
+            return float("nan")
+        return super().__call__(trial)
+
+
+def calls(log_dir) -> list[tuple[int, int]]:
+    path = Path(log_dir) / "calls.txt"
+    return [tuple(map(int, line.split())) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def study_of(spec, out):
+    return optuna.load_study(study_name=spec.name, storage=S.make_storage(S.resolve_storage(spec, out), spec))
+
+
+# ----------------------------------------------------------------------------
+# The study file.
+
+
+def test_default_study_file_resolves():
+    spec = S.load_spec(ROOT / "config/sweeps/shapes.yaml")
+    assert spec.name == "shapes" and spec.n_trials >= 4 and spec.base.method in ("sct", "scd")
+    cfg = S.base_config(spec, {k: p.low for k, p in spec.space.items()})
+    assert cfg.run.eval_kimg > 0 and cfg.run.threads == 1
+    assert {"optim.lr", "loss.P_mean", "loss.P_std", "loss.warmup_iters", "loss.tangent_norm_c",
+            "ema.sigma_rel"} <= set(spec.space)
+    assert S.make_sampler(spec).__class__.__name__ == "TPESampler"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"space": {"optim.lrr": {"type": "float", "low": 0.1, "high": 1.0}}}, "unknown config key 'optim.lrr'"),
+    ({"space": {"ema.sigma_rel": {"type": "float", "low": 0.1, "high": 0.5}}}, "above the maximum"),
+    ({"space": {"optim.lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}}, "log needs low > 0"),
+    ({"space": {"optim.lr": {"type": "floaty", "low": 0.1, "high": 1.0}}}, "type 'floaty'"),
+    ({"space": {"optim.lr": {"type": "float", "lo": 0.1, "high": 1.0}}}, "unknown keys ['lo']"),
+    ({"space": {"run.size": {"type": "categorical", "choices": ["tS", "tM"]}}}, "set it in base"),
+    ({"space": {"loss.tangent_norm": {"type": "categorical", "choices": ["l2", "l1"]}}}, "'l1' is not allowed"),
+    ({"sampler": {"name": "grid"}}, "every space parameter needs a list of choices"),
+    ({"sampler": {"name": "bayes"}}, "sampler.name"),
+    ({"pruner": {"name": "median", "options": {"patience": 3}}}, None),
+    ({"base": {"method": "scd"}}, "teacher_run_dir"),
+    ({"base": {"method": "sct", "overrides": {"run": {"total_kimgs": 1}}}}, "total_kimgs"),
+    ({"objectiv": {"steps": 1}}, "unknown keys ['objectiv']"),
+])
+def test_bad_study_files_name_the_key(change, message):
+    if message is None:  # an option the Optuna class does not take: reported when it is built
+        with pytest.raises(C.ConfigError, match="pruner.options"):
+            S.make_pruner(cheap_spec(**change))
+        return
+    with pytest.raises(C.ConfigError) as e:
+        cheap_spec(**change)
+    assert message in str(e.value)
+
+
+def test_nested_space_and_grid_budget():
+    spec = cheap_spec(n_trials=50, space={"optim": {"lr": {"type": "float", "choices": [0.01, 0.02]}},
+                                          "loss.tangent_norm": {"type": "categorical", "choices": ["l2", "rms"]}},
+                      sampler={"name": "grid"})
+    assert set(spec.space) == {"optim.lr", "loss.tangent_norm"} and spec.n_trials == 4  # the grid's size
+
+
+def test_samplers_needing_extras_say_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("cmaes", "scipy")
+                        else real(name, *a))
+    with pytest.raises(ImportError, match=r"pip install 'scm-bench\[sweeps\]' \(or pip install cmaes\)"):
+        S.make_sampler(cheap_spec(sampler={"name": "cmaes"}))
+    with pytest.raises(ImportError, match="pip install scipy"):
+        S.make_sampler(cheap_spec(sampler={"name": "gp"}))
+
+
+def test_best_yaml_is_nested_overrides_that_resolve(tmp_path):
+    spec = cheap_spec(n_trials=3)
+    S.run_sweep(spec, tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    text = (tmp_path / "best.yaml").read_text()
+    study = study_of(spec, tmp_path)
+    assert text.startswith("#") and f"trial {study.best_trial.number}:" in text and f"{study.best_value:.6g}" in text
+    best = yaml.safe_load(text)
+    assert set(best) == {"optim", "loss"} and best["optim"]["lr"] == study.best_params["optim.lr"]
+    cfg = C.resolve("shapes", "tS", "sct", C.flatten(best))
+    assert cfg.loss.P_mean == study.best_params["loss.P_mean"]
+
+
+# ----------------------------------------------------------------------------
+# Concurrency: several worker processes on one storage.
+
+
+def _check_concurrent_run(spec, out, log_dir, workers):
+    """Every trial recorded once (numbers 0..T-1), run by exactly one worker call; the budget holds."""
+    study = study_of(spec, out)
+    trials = study.get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(trials)))
+    assert spec.n_trials <= len(trials) <= spec.n_trials + workers - 1
+    assert all(t.state == TrialState.COMPLETE for t in trials), [(t.number, t.state) for t in trials]
+    made = calls(log_dir)
+    assert sorted(n for _, n in made) == numbers  # none lost, none run twice
+    by_worker = {t.user_attrs["worker"] for t in trials}
+    assert len(by_worker) >= 2, "the workers did not overlap"
+    assert len((out / "trials.csv").read_text().splitlines()) == len(trials) + 1
+    assert (out / "best.yaml").exists()
+
+
+def test_three_local_workers_share_one_journal(tmp_path, monkeypatch):
+    # submitit's worker processes unpickle Quadratic from this module: put it on their path.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    spec = cheap_spec(n_trials=12)
+    t0 = time.time()
+    summary = S.run_sweep(spec, tmp_path / "out", workers=3, launcher="local", objective=Quadratic(tmp_path, 0.1))
+    assert summary["worker_errors"] == [] and summary["complete"] >= 12
+    assert len(list((tmp_path / "out" / "workers").glob("*/*_log.err"))) == 3
+    _check_concurrent_run(spec, tmp_path / "out", tmp_path, 3)
+    assert time.time() - t0 < 60
+    # Run again: the budget is spent, no worker starts and nothing changes.
+    again = S.run_sweep(spec, tmp_path / "out", workers=3, launcher="local", objective=Quadratic(tmp_path, 0.1))
+    assert again["trials"] == summary["trials"] and len(calls(tmp_path)) == summary["trials"]
+
+
+def test_spawned_workers_on_one_journal(tmp_path):
+    # The worker entry point itself, three processes started together (no coordinator in between).
+    spec = cheap_spec(n_trials=9)
+    storage = S.resolve_storage(spec, tmp_path)
+    S.open_study(spec, storage)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=S.run_worker, args=(spec, storage, Quadratic(tmp_path, 0.05), i)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    S.write_outputs(study_of(spec, tmp_path), spec, tmp_path, tmp_path / "figures")
+    _check_concurrent_run(spec, tmp_path, tmp_path, 3)
+
+
+# ----------------------------------------------------------------------------
+# Crash and restart; divergence; pruning.
+
+
+def test_killed_worker_leaves_running_trial_restart_fails_it_and_finishes(tmp_path):
+    spec = cheap_spec(n_trials=5)
+    storage = S.resolve_storage(spec, tmp_path)
+    S.open_study(spec, storage)
+    proc = multiprocessing.get_context("spawn").Process(
+        target=S.run_worker, args=(spec, storage, Quadratic(tmp_path, hang_on=2), 0))
+    proc.start()
+    deadline = time.time() + 60
+    while not (tmp_path / "hanging").exists() and time.time() < deadline and proc.is_alive():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-trial: no chance to tell the storage
+    proc.join(10)
+    stale = study_of(spec, tmp_path).trials[2]
+    assert stale.state == TrialState.RUNNING
+
+    summary = S.run_sweep(spec, tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    trials = study_of(spec, tmp_path).trials
+    assert len(trials) == 5 and summary["trials"] == 5
+    assert trials[2].state == TrialState.FAIL and trials[2].user_attrs["reason"] == "stale after restart"
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == 2]
+    assert len(retry) == 1 and retry[0].params == stale.params and retry[0].state == TrialState.COMPLETE
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 4
+
+
+def test_coordinator_death_ends_local_workers():
+    coordinator = subprocess.Popen(["sleep", "60"])
+    worker = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom scm.sweep import _exit_with\n"
+                               f"_exit_with({coordinator.pid}, 0.1)\ntime.sleep(60)"])
+    time.sleep(1.0)
+    coordinator.kill()
+    coordinator.wait()
+    assert worker.wait(timeout=20) == 3
+
+
+def test_diverged_and_nan_trials_fail_with_their_reason_and_the_study_goes_on(tmp_path):
+    spec = cheap_spec(n_trials=5)
+    summary = S.run_sweep(spec, tmp_path, launcher="debug", objective=Troubled(tmp_path))
+    trials = study_of(spec, tmp_path).trials
+    assert len(trials) == 5 and summary["complete"] == 3 and summary["fail"] == 2
+    assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["reason"].startswith("diverged: non-finite")
+    assert trials[2].state == TrialState.FAIL and "non-finite objective value nan" in trials[2].user_attrs["reason"]
+    assert "user_attrs_reason" in (tmp_path / "trials.csv").read_text().splitlines()[0]
+
+
+def test_pruned_trial_reason(tmp_path):
+    class Reporting(Quadratic):
+        def __call__(self, trial):
+            value = super().__call__(trial)
+            trial.report(value + trial.number * 100, 1)  # every later trial is worse than the first
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step 1 (trial {trial.number})")
+            return value
+
+    spec = cheap_spec(n_trials=3, pruner={"name": "median", "options": {"n_startup_trials": 1}})
+    S.run_sweep(spec, tmp_path, launcher="debug", objective=Reporting(tmp_path))
+    trials = study_of(spec, tmp_path).trials
+    assert trials[0].state == TrialState.COMPLETE
+    assert [t.state for t in trials[1:]] == [TrialState.PRUNED] * 2
+    assert trials[2].user_attrs["reason"] == "pruned at step 1 (trial 2)"
+
+
+def test_all_failed_raises_after_writing_trials_csv(tmp_path):
+    class Diverging(Quadratic):
+        def __call__(self, trial):
+            raise DivergedError("boom")
+
+    with pytest.raises(S.SweepError, match="no trial completed"):
+        S.run_sweep(cheap_spec(n_trials=2), tmp_path, launcher="debug", objective=Diverging(tmp_path))
+    assert len((tmp_path / "trials.csv").read_text().splitlines()) == 3 and not (tmp_path / "best.yaml").exists()
+
+
+def test_changed_study_file_is_an_error_unless_restarted(tmp_path):
+    spec = cheap_spec(n_trials=2)
+    S.run_sweep(spec, tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    more = cheap_spec(n_trials=3)  # a larger budget continues the same study
+    assert S.run_sweep(more, tmp_path, launcher="debug", objective=Quadratic(tmp_path))["trials"] == 3
+    other = cheap_spec(n_trials=2, direction="maximize")
+    with pytest.raises(C.ConfigError, match=r"declared with other \['direction'\].*--restart"):
+        S.run_sweep(other, tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    summary = S.run_sweep(other, tmp_path, launcher="debug", objective=Quadratic(tmp_path), restart=True)
+    assert summary["trials"] == 2 and len(glob.glob(str(tmp_path / "journal.log.*.bak"))) == 1
+
+
+def test_grid_sampler_visits_each_point_once(tmp_path):
+    spec = cheap_spec(n_trials=10, sampler={"name": "grid", "seed": 0},
+                      space={"optim.lr": {"type": "float", "choices": [0.01, 0.1]},
+                             "loss.P_mean": {"type": "float", "choices": [-1.0, -0.5, 0.0]}})
+    S.run_sweep(spec, tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    points = {tuple(sorted(t.params.items())) for t in study_of(spec, tmp_path).trials}
+    assert len(points) == 6 == len(study_of(spec, tmp_path).trials)
+
+
+def test_figures_are_guarded(tmp_path):
+    spec = cheap_spec(n_trials=1)
+    summary = S.run_sweep(spec, tmp_path, launcher="debug", objective=Quadratic(tmp_path), figures=tmp_path / "f")
+    names = {Path(f).stem for f in summary["figures"]}
+    assert "param_importances" not in names and "history" in names  # importances need >= 2 complete trials
+    assert all(Path(f).parent == tmp_path / "f" for f in summary["figures"])
+
+
+# ----------------------------------------------------------------------------
+# The same concurrency test on a real PostgreSQL server (loopback), started by the fixture.
+
+
+def _pg_bindir():
+    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(Path(d).parent.name))
+    return next((d for d in reversed(dirs) if os.path.exists(f"{d}/initdb") and os.path.exists(f"{d}/pg_ctl")), None)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """SCM_TEST_POSTGRES_URL, or a throwaway cluster (initdb in a temp dir, 127.0.0.1, a free port)."""
+    pytest.importorskip("psycopg2", reason="PostgreSQL tests need psycopg2: pip install psycopg2-binary")
+    if os.environ.get("SCM_TEST_POSTGRES_URL"):
+        yield os.environ["SCM_TEST_POSTGRES_URL"]
+        return
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries in /usr/lib/postgresql/*/bin (apt-get install postgresql)")
+    # PostgreSQL refuses to run as root: as root, run its binaries as the 'postgres' user.
+    run_as = []
+    if os.geteuid() == 0:
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    base = Path(tempfile.mkdtemp(prefix="scm-pg-"))
+    if run_as:
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+    try:
+        subprocess.run(run_as + [f"{bindir}/initdb", "-D", str(base / "data"), "-U", "postgres", "--auth=trust",
+                                 "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=120)
+        subprocess.run(run_as + [f"{bindir}/pg_ctl", "-D", str(base / "data"), "-l", str(base / "server.log"),
+                                 "-o", opts, "-w", "-t", "60", "start"], check=True, capture_output=True, timeout=90)
+    except (subprocess.SubprocessError, OSError) as e:
+        log = (base / "server.log").read_text() if (base / "server.log").exists() else ""
+        shutil.rmtree(base, ignore_errors=True)
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"could not start PostgreSQL from {bindir}: {e}; {getattr(e, 'stderr', b'')!r} {log[-500:]}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(run_as + [f"{bindir}/pg_ctl", "-D", str(base / "data"), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_three_local_workers_share_one_postgres_study(tmp_path, monkeypatch, postgres_url):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    spec = cheap_spec(n_trials=12, name=f"cheap-{os.getpid()}-{time.time_ns()}", storage=postgres_url)
+    summary = S.run_sweep(spec, tmp_path / "out", workers=3, launcher="local", objective=Quadratic(tmp_path, 0.1))
+    assert summary["storage"] == postgres_url and summary["worker_errors"] == []
+    assert not (tmp_path / "out" / "journal.log").exists()
+    _check_concurrent_run(spec, tmp_path / "out", tmp_path, 3)
