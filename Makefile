@@ -41,10 +41,11 @@ test-slurm: setup
 	if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 lint: setup
-	$(VENV)/bin/ruff check scm tests
+	$(VENV)/bin/ruff check scm tests bench
+	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --lint
 
 bench: setup
-	$(VENV)/bin/scm bench step
+	$(VENV)/bin/scm bench step --sizes tS tM tL --threads 1
 
 clean-results:
 	find results -mindepth 1 -maxdepth 1 ! -name reference -exec rm -rf {} +

@@ -22,8 +22,11 @@ include: "workflow/rules/sweeps.smk"
 include: "workflow/rules/report.smk"
 
 
+# Metrics and sample grids are targets too: deleting one re-creates it, then the report.
 rule all:
     default_target: True
     input:
         rules.report.output,
+        rules.report.input.metrics,
+        rules.report.input.grids,
         SWEEP_OUTPUTS,

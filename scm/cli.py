@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
 import json
 import logging
 import sys
@@ -142,36 +140,142 @@ def cmd_report(args) -> int:
 # scm bench
 
 
-def cmd_bench_step(args) -> int:
+def _bench_setup(args) -> str:
     import torch
 
-    from scm.bench import hardware, ratios, step_benchmark
+    from scm.bench import hardware
 
-    if args.threads:
+    if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    print(f"hardware: {hardware()}", flush=True)
-    rows = step_benchmark(args.sizes, batch=args.batch, repeats=args.repeats, device=args.device,
-                          dataset=args.dataset)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*dataclasses.asdict(rows[0]), "hardware"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({**dataclasses.asdict(r), "hardware": hardware()})
-    print(f"{'method':<8} {'size':<5} {'batch':>5} {'params (M)':>10} {'median s':>9} {'min s':>8} {'max s':>8}")
+    hw = hardware()
+    print(f"hardware: {hw}", flush=True)
+    return hw
+
+
+def _bench_write(rows, out: str, hw: str, plot) -> None:
+    """CSV at OUT and a PNG next to it (same stem)."""
+    from scm.bench import write_csv
+
+    csv_path = write_csv(rows, out, hw)
+    png = plot(rows, Path(out).with_suffix(".png"), hw=hw)
+    print(f"wrote {csv_path} and {png}")
+
+
+def _timing_table(rows) -> None:
+    mem = any(r.peak_mem_mb is not None for r in rows)
+    print(f"{'method':<21} {'size':<5} {'batch':>5} {'params (M)':>10} {'median s':>9} {'min s':>8} {'max s':>8}"
+          + (f" {'peak MiB':>9}" if mem else ""))
     for r in rows:
-        print(f"{r.method:<8} {r.size:<5} {r.batch:>5} {r.params_m:>10.3f} {r.median_s:>9.4f} "
-              f"{r.min_s:>8.4f} {r.max_s:>8.4f}")
-    for size, rs in ratios(rows).items():
+        print(f"{r.method:<21} {r.size:<5} {r.batch:>5} {r.params_m:>10.3f} {r.median_s:>9.4f} "
+              f"{r.min_s:>8.4f} {r.max_s:>8.4f}" + (f" {r.peak_mem_mb:>9.1f}" if mem else ""))
+
+
+def cmd_bench_step(args) -> int:
+    from scm.bench import plot_timings, ratios_by_batch, step_benchmark
+
+    hw = _bench_setup(args)
+    batches = args.batches or [args.batch]
+    rows = step_benchmark(args.sizes, repeats=args.repeats, device=args.device, dataset=args.dataset,
+                          batches=batches, memory=not args.no_memory)
+    _timing_table(rows)
+    if rows[0].memory_kind:
+        print(f"peak memory: {rows[0].memory_kind}")
+    by = ratios_by_batch(rows)
+    for (size, b), rs in by.items():
+        for name, value in rs.items():
+            print(f"[{size}, batch {b}] {name}: {value:.2f}")
+    # the headline lines, for the largest size and the last batch measured (one run)
+    last = by.get((args.sizes[-1], batches[-1]), {})
+    for name, target in (("sCD/teacher", 1.8), ("sCT/teacher", 1.5)):
+        if name in last:
+            print(f"{name}: {last[name]:.2f} (target <= {target})")
+    _bench_write(rows, args.out, hw, lambda r, p, hw: plot_timings(r, p, "training step", hw))
+    print(f"median of {args.repeats} repeats")
+    return 0
+
+
+def cmd_bench_jvp(args) -> int:
+    from scm.bench import jvp_benchmark, jvp_ratios, plot_timings
+
+    hw = _bench_setup(args)
+    rows = jvp_benchmark(args.sizes, batch=args.batch, repeats=args.repeats, device=args.device,
+                         dataset=args.dataset)
+    _timing_table(rows)
+    for size, rs in jvp_ratios(rows).items():
         for name, value in rs.items():
             print(f"[{size}] {name}: {value:.2f}")
-    # the headline lines, for the largest size measured
-    last = ratios(rows).get(args.sizes[-1], {})
-    for name in ("sCD/teacher", "sCT/teacher"):
-        if name in last:
-            print(f"{name}: {last[name]:.2f}")
-    print(f"wrote {out} (median of {args.repeats} repeats)")
+    _bench_write(rows, args.out, hw, lambda r, p, hw: plot_timings(r, p, "network forward vs JVP (no grad)", hw))
+    print(f"median of {args.repeats} repeats")
+    return 0
+
+
+def cmd_bench_attention(args) -> int:
+    from scm.bench import attention_benchmark, attention_memory_ratio, plot_attention
+
+    hw = _bench_setup(args)
+    rows = attention_benchmark(args.seq, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                               block_size=args.block_size, repeats=args.repeats, device=args.device)
+    print(f"{'impl':<14} {'N':>6} {'median s':>9} {'min s':>8} {'max s':>8} {'peak MiB':>9}")
+    for r in rows:
+        print(f"{r.impl:<14} {r.seq:>6} {r.median_s:>9.4f} {r.min_s:>8.4f} {r.max_s:>8.4f} {r.peak_mem_mb:>9.2f}")
+    print(f"peak memory: {rows[0].memory_kind}")
+    ratio = attention_memory_ratio(rows)
+    if ratio:
+        n, fused, value = ratio
+        print(f"fused/math peak memory at N={n}: {value:.4f} (target <= 0.25; fused = {fused})")
+    _bench_write(rows, args.out, hw, plot_attention)
+    print(f"median of {args.repeats} repeats")
+    return 0
+
+
+def cmd_bench_sampling(args) -> int:
+    from scm.bench import plot_sampling, sampling_benchmark
+
+    hw = _bench_setup(args)
+    rows = sampling_benchmark(args.size, args.nfe, batch=args.batch, repeats=args.repeats, device=args.device,
+                              dataset=args.dataset)
+    print(f"{'sampler':<7} {'steps':>5} {'NFE':>4} {'images/s':>9} {'min':>9} {'max':>9}")
+    for r in rows:
+        print(f"{r.sampler:<7} {r.steps:>5} {r.nfe:>4} {r.images_per_s:>9.1f} {r.images_per_s_min:>9.1f} "
+              f"{r.images_per_s_max:>9.1f}")
+    _bench_write(rows, args.out, hw, plot_sampling)
+    print(f"size {args.size}, batch {args.batch}, untrained net, median of {args.repeats} repeats")
+    return 0
+
+
+def cmd_bench_orchestration(args) -> int:
+    import subprocess
+
+    from scm.bench import OrchestrationTiming, dag_benchmark, plot_orchestration, slurm_latency_benchmark
+
+    hw = _bench_setup(args)
+    rows = [dag_benchmark(args.configfile, args.profile, repeats=args.repeats, snakemake=args.snakemake)]
+    dag = rows[0]
+    print(f"{Path(args.configfile).stem} DAG: {dag.median_s:.2f} s [{dag.min_s:.2f}, {dag.max_s:.2f}] "
+          f"(target <= 5) ({dag.note})")
+    brought_up = False
+    script = Path(args.cluster_script)
+    try:
+        if args.bring_up and script.exists():
+            if subprocess.run(["bash", str(script), "status"], capture_output=True).returncode != 0:
+                print("bringing the test SLURM cluster up", flush=True)
+                brought_up = True  # even a failed `up` leaves state that `down` cleans
+                subprocess.run(["bash", str(script), "up"], check=False)
+        folder = Path(args.out).with_suffix("").with_name("slurm-latency-jobs")
+        try:
+            lat = slurm_latency_benchmark(folder, jobs=args.jobs, cluster_script=script)
+        except Exception as e:  # a cluster that goes away mid-run: report, keep the DAG number
+            lat = OrchestrationTiming("slurm_submit_to_start", None, None, None, 0,
+                                      f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    finally:
+        if brought_up:
+            subprocess.run(["bash", str(script), "down"], check=False)
+    rows.append(lat)
+    if lat.median_s is None:
+        print(f"SLURM submit-to-start: {lat.note}")
+    else:
+        print(f"SLURM submit-to-start: {lat.median_s:.2f} s [{lat.min_s:.2f}, {lat.max_s:.2f}] over {lat.repeats} jobs")
+    _bench_write(rows, args.out, hw, plot_orchestration)
     return 0
 
 
@@ -352,15 +456,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (median of repeats, hardware stated)")
     bsub = bench.add_subparsers(dest="what", required=True)
-    step = bsub.add_parser("step", help="training-step time of teacher, sCT and sCD")
+    step = bsub.add_parser("step", help="training-step time and peak memory of teacher, sCT and sCD")
     step.add_argument("--sizes", nargs="+", default=["tS", "tM", "tL"])
     step.add_argument("--dataset", default="shapes")
     step.add_argument("--batch", type=int, default=64)
+    step.add_argument("--batches", type=int, nargs="+", default=None, help="sweep batch sizes (replaces --batch)")
     step.add_argument("--repeats", type=int, default=7)
+    step.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     step.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     step.add_argument("--device", default="cpu")
-    step.add_argument("--out", default="results/bench/step.csv")
+    step.add_argument("--out", default="results/bench/step.csv", help="CSV; the PNG goes next to it")
     step.set_defaults(func=cmd_bench_step)
+
+    jvp = bsub.add_parser("jvp", help="network forward vs forward_with_tangent vs torch.func.jvp (no grad)")
+    jvp.add_argument("--sizes", nargs="+", default=["tS", "tM", "tL"])
+    jvp.add_argument("--dataset", default="shapes")
+    jvp.add_argument("--batch", type=int, default=64)
+    jvp.add_argument("--repeats", type=int, default=7)
+    jvp.add_argument("--threads", type=int, default=0)
+    jvp.add_argument("--device", default="cpu")
+    jvp.add_argument("--out", default="results/bench/jvp.csv")
+    jvp.set_defaults(func=cmd_bench_jvp)
+
+    att = bsub.add_parser("attention", help="math vs blockwise/fused attention JVP: time and peak memory vs N")
+    att.add_argument("--seq", type=int, nargs="+", default=[256, 1024, 4096])
+    att.add_argument("--batch", type=int, default=1)
+    att.add_argument("--heads", type=int, default=4)
+    att.add_argument("--head-dim", type=int, default=64)
+    att.add_argument("--block-size", type=int, default=64, help="blockwise block size (network.attn_block_size)")
+    att.add_argument("--repeats", type=int, default=3)
+    att.add_argument("--threads", type=int, default=0)
+    att.add_argument("--device", default="cpu")
+    att.add_argument("--out", default="results/bench/attention.csv")
+    att.set_defaults(func=cmd_bench_attention)
+
+    sam = bsub.add_parser("sampling", help="images/s of consistency and teacher sampling (untrained net)")
+    sam.add_argument("--size", default="tS")
+    sam.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    sam.add_argument("--dataset", default="shapes")
+    sam.add_argument("--batch", type=int, default=64)
+    sam.add_argument("--repeats", type=int, default=5)
+    sam.add_argument("--threads", type=int, default=0)
+    sam.add_argument("--device", default="cpu")
+    sam.add_argument("--out", default="results/bench/sampling.csv")
+    sam.set_defaults(func=cmd_bench_sampling)
+
+    orc = bsub.add_parser("orchestration", help="snakemake DAG construction time; SLURM submit-to-start latency")
+    orc.add_argument("--configfile", default="config/imagenet512.yaml")
+    orc.add_argument("--profile", default="profiles/slurm")
+    orc.add_argument("--snakemake", default=None, help="snakemake executable (default: next to this Python)")
+    orc.add_argument("--repeats", type=int, default=3)
+    orc.add_argument("--jobs", type=int, default=5, help="SLURM jobs for the latency measurement")
+    orc.add_argument("--cluster-script", default="tests/slurm/cluster.sh")
+    orc.add_argument("--bring-up", action="store_true",
+                     help="bring the test SLURM cluster up if it is down (and down again at the end)")
+    orc.add_argument("--out", default="results/bench/orchestration.csv")
+    orc.set_defaults(func=cmd_bench_orchestration)
 
     smp = sub.add_parser("sample", help="generate PNGs from a finished run's EMA network (deterministic per seed)")
     smp.add_argument("--run-dir", required=True)

@@ -61,3 +61,16 @@ def test_data_parallel_over_two_local_tasks(tmp_path):
     logs = {p.name: p.read_text() for p in tmp_path.glob("jobs/*/*_log.err")}
     assert any(name.endswith("_1_log.err") for name in logs), sorted(logs)
     assert "world size 2" in "\n".join(logs.values())
+
+
+@pytest.mark.slow
+def test_failed_job_error_carries_the_log_tail(tmp_path):
+    # sCD without a finished teacher fails inside the job; the waiting side shows the job's last log lines
+    from scm.launch import LaunchError
+
+    cfg = C.resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "scd",
+                               "run": {"teacher_run_dir": str(tmp_path / "no-teacher")}})
+    with pytest.raises(LaunchError) as err:
+        launch(cfg, tmp_path / "run", "local", ClusterProfile(time_min=5), poll_s=0.5)
+    text = str(err.value)
+    assert "--- last lines of" in text and "TeacherNotReadyError" in text and "no-teacher" in text

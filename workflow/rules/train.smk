@@ -20,6 +20,8 @@ rule run_config:
 
 
 rule train:
+    wildcard_constraints:
+        run=r"(sct|scd)-[A-Za-z]+-[a-z0-9_]+-s\d+",
     conda:
         "../envs/scm.yaml"
     input:
@@ -40,3 +42,11 @@ rule train:
     shell:
         "scm train --config {input.cfg} --run-dir {params.run_dir} --launcher {params.launcher} "
         "{params.cluster} --on-config-change restart > {log} 2>&1"
+
+
+
+# Teachers gate every sCD run: the same rule for them, scheduled first.
+use rule train as train_teacher with:
+    wildcard_constraints:
+        run=r"teacher-[A-Za-z]+-[a-z0-9_]+-s\d+",
+    priority: 10

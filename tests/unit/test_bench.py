@@ -1,0 +1,120 @@
+"""Smoke tests of scm.bench and `scm bench ...`: tiny sizes, one repeat, columns and ratios only.
+
+No performance assertions: the numbers themselves are measured by the benchmarks (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import stat
+
+import pytest
+
+from scm import bench as B
+from scm.cli import main
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _fields(cls):
+    return [f.name for f in dataclasses.fields(cls)] + ["hardware"]
+
+
+def test_step_benchmark_rows_ratios_csv_and_plot(tmp_path):
+    rows = B.step_benchmark(["tS"], repeats=1, warmup=0, batches=[2, 3])
+    assert [(r.method, r.batch) for r in rows] == [(m, b) for b in (2, 3) for m in ("teacher", "sct", "scd")]
+    assert all(r.repeats == 1 and r.min_s <= r.median_s <= r.max_s and r.peak_mem_mb is None for r in rows)
+    by = B.ratios_by_batch(rows)
+    assert set(by) == {("tS", 2), ("tS", 3)}
+    assert set(by[("tS", 2)]) == {"sCD/teacher", "sCT/teacher"} and by[("tS", 2)]["sCD/teacher"] > 0
+    path = B.write_csv(rows, tmp_path / "step.csv", hw="test machine")
+    table = _csv(path)
+    assert list(table[0]) == _fields(B.Timing) and len(table) == 6 and table[0]["hardware"] == "test machine"
+    png = B.plot_timings(rows, tmp_path / "step.png", "step", hw="test machine")
+    assert png.stat().st_size > 0
+
+
+def test_step_peak_memory_in_a_subprocess():
+    mib, kind = B.step_peak_memory("shapes", "tS", "teacher", 2)
+    assert mib >= 0 and "ru_maxrss" in kind
+
+
+def test_jvp_benchmark_and_ratios():
+    rows = B.jvp_benchmark(["tS"], batch=2, repeats=1, warmup=0)
+    assert [r.method for r in rows] == list(B.JVP_METHODS)
+    assert set(B.jvp_ratios(rows)["tS"]) == {"forward_with_tangent/forward", "func.jvp/forward"}
+
+
+def test_attention_benchmark_memory_ratio(tmp_path):
+    rows = B.attention_benchmark([16, 64], heads=1, head_dim=8, block_size=8, repeats=1, warmup=0)
+    assert {(r.impl, r.seq) for r in rows} == {(i, n) for i in ("math_forward", "math_jvp", "blockwise_jvp")
+                                               for n in (16, 64)}
+    n, fused, ratio = B.attention_memory_ratio(rows)
+    assert n == 64 and fused == "blockwise_jvp" and 0 < ratio < 1  # 8 x 8 blocks vs a 64 x 64 matrix
+    assert list(_csv(B.write_csv(rows, tmp_path / "a.csv"))[0]) == _fields(B.AttentionTiming)
+    assert B.plot_attention(rows, tmp_path / "a.png").exists()
+
+
+def test_sampling_benchmark_counts_nfe(tmp_path):
+    rows = B.sampling_benchmark("tS", [1, 2], batch=2, repeats=1, warmup=0)
+    got = {(r.sampler, r.steps, r.nfe) for r in rows}
+    assert got == {("cm", 1, 1), ("cm", 2, 2), ("euler", 1, 1), ("euler", 2, 2), ("dpm2s", 1, 1), ("dpm2s", 2, 3)}
+    assert all(r.images_per_s_min <= r.images_per_s <= r.images_per_s_max for r in rows)
+    assert B.plot_sampling(rows, tmp_path / "s.png").exists()
+
+
+def _script(path, body):
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_dag_benchmark_subtracts_interpreter_start(tmp_path):
+    fake = _script(tmp_path / "snakemake", 'case "$1" in --version) echo 9;; *) sleep 0.2;; esac')
+    row = B.dag_benchmark("config/x.yaml", "profiles/p", repeats=2, snakemake=fake, cwd=tmp_path)
+    assert row.what == "dag_x" and row.repeats == 2 and 0.1 < row.median_s < 5
+
+
+def test_dag_benchmark_failure_is_an_error(tmp_path):
+    fake = _script(tmp_path / "snakemake", 'case "$1" in --version) echo 9;; *) echo broken >&2; exit 1;; esac')
+    with pytest.raises(RuntimeError, match="broken"):
+        B.dag_benchmark("c.yaml", "p", repeats=1, snakemake=fake, cwd=tmp_path)
+
+
+def test_slurm_latency_skipped_when_cluster_down(tmp_path):
+    row = B.slurm_latency_benchmark(tmp_path / "jobs", cluster_script=_script(tmp_path / "c.sh", "exit 1"))
+    assert row.median_s is None and "skipped" in row.note
+    assert B.plot_orchestration([row], tmp_path / "o.png").exists()
+
+
+def test_cli_step_attention_sampling(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "step", "--sizes", "tS", "--batch", "2", "--repeats", "1", "--no-memory",
+                 "--out", str(out / "step.csv")]) == 0
+    text = capsys.readouterr().out
+    assert "sCD/teacher:" in text and "(target <= 1.8)" in text and "sCT/teacher:" in text
+    assert (out / "step.png").exists() and len(_csv(out / "step.csv")) == 3
+    assert main(["bench", "attention", "--seq", "16", "32", "--heads", "1", "--head-dim", "8", "--block-size", "8",
+                 "--repeats", "1", "--out", str(out / "attention.csv")]) == 0
+    assert "fused/math peak memory at N=32:" in capsys.readouterr().out
+    assert (out / "attention.png").exists()
+    assert main(["bench", "sampling", "--nfe", "1", "--batch", "2", "--repeats", "1",
+                 "--out", str(out / "sampling.csv")]) == 0
+    assert {r["sampler"] for r in _csv(out / "sampling.csv")} == {"cm", "euler", "dpm2s"}
+
+
+def test_cli_orchestration_with_fake_tools(tmp_path, capsys):
+    fake = _script(tmp_path / "snakemake", "exit 0")
+    down = _script(tmp_path / "cluster.sh", "exit 1")
+    out = tmp_path / "orc.csv"
+    assert main(["bench", "orchestration", "--snakemake", fake, "--repeats", "1", "--cluster-script", down,
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "imagenet512 DAG:" in text and "(target <= 5)" in text and "skipped" in text
+    assert [r["what"] for r in _csv(out)] == ["dag_imagenet512", "slurm_submit_to_start"]
+    assert os.path.exists(tmp_path / "orc.png")
