@@ -137,19 +137,25 @@ def step_benchmark(sizes: list[str], batch: int = 64, repeats: int = 7, warmup: 
 # Peak memory of a training step.
 
 
-def _child_step_peak(spec_json: str) -> None:
-    """Subprocess entry (CPU): setup, then two steps; prints the growth of ru_maxrss over the setup's."""
-    import resource
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
+
+def _child_step_peak(spec_json: str) -> None:
+    """Subprocess entry (CPU): setup, reset the RSS high-water mark (Linux: clear_refs 5), two steps;
+    prints VmHWM - VmRSS-before in KiB. (ru_maxrss cannot be reset: import-time peaks hid the step's.)"""
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
     cfg = C.resolve(spec["dataset"], spec["size"], spec["method"],
                     {"run.batch_size": spec["batch"], **spec["overrides"]})
     step, _ = _step_fn(cfg, torch.device("cpu"))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = _proc_status_kib("VmRSS")
     for _ in range(2):  # the first step also allocates Adam's state, the second is a steady-state step
         step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _proc_status_kib("VmHWM")
     sys.stdout.write(json.dumps({"peak_kib": after - before}) + "\n")
 
 
@@ -158,9 +164,9 @@ def step_peak_memory(dataset: str, size: str, method: str, batch: int, device: s
     """(MiB, kind): peak memory a training step needs above the model and data.
 
     CUDA: torch.cuda.max_memory_allocated during two steps minus the memory allocated before them.
-    CPU: growth of the process's peak RSS (ru_maxrss) over two steps, in a fresh subprocess per config
-    (a high-water mark cannot be reset within a process, and the allocator's caching would hide a
-    second config's peak behind the first's). Includes Adam's state, created by the first step.
+    CPU: growth of the process's peak RSS (VmHWM, reset after setup) over two steps, in a fresh
+    subprocess per config (the allocator's caching would hide a second config's peak behind the first's).
+    Includes Adam's state, created by the first step.
     """
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -181,7 +187,7 @@ def step_peak_memory(dataset: str, size: str, method: str, batch: int, device: s
     if proc.returncode != 0:
         raise RuntimeError(f"memory subprocess for {method} {size} batch {batch} failed:\n{proc.stderr[-2000:]}")
     kib = json.loads(proc.stdout.strip().splitlines()[-1])["peak_kib"]
-    return kib / 1024, "cpu ru_maxrss growth (fresh process)"
+    return kib / 1024, "cpu peak RSS (VmHWM) growth, fresh process"
 
 
 def ratios(rows: list[Timing]) -> dict[str, dict[str, float]]:

@@ -37,8 +37,12 @@ def test_slurm_profile_end_to_end(slurm_cluster, tmp_path):
     assert "sCD" in (results / "tables" / "main.md").read_text()
 
 
-def test_sweep_workers_as_a_slurm_array(slurm_cluster, tmp_path):
-    sys.path.insert(0, str(ROOT / "tests" / "unit"))
+def test_sweep_workers_as_a_slurm_array(slurm_cluster, tmp_path, monkeypatch):
+    # the cheap objective lives in tests/unit/test_sweep.py: jobs unpickle it by module name, and
+    # sbatch passes this environment (PYTHONPATH included) to them
+    unit = str(ROOT / "tests" / "unit")
+    monkeypatch.syspath_prepend(unit)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [unit, os.environ.get("PYTHONPATH")])))
     from test_sweep import Quadratic, cheap_spec, study_of  # noqa: PLC0415
 
     from scm import sweep as S
