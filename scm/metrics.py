@@ -279,7 +279,19 @@ def _check_uint8(x: torch.Tensor, name: str) -> None:
                          f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
 
 
-class ShapesFeatureExtractor(FeatureExtractorBase):
+class _Uncompiled(FeatureExtractorBase):
+    """torch-fidelity's compile hooks, shared by our extractors: they run eagerly."""
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+
+
+class ShapesFeatureExtractor(_Uncompiled):
     """torch-fidelity extractor around ShapesFeatureNet: uint8 (B, 3, 16, 16) -> 'penultimate' / 'logits'."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
@@ -303,14 +315,6 @@ class ShapesFeatureExtractor(FeatureExtractorBase):
     def get_default_feature_layer_for_metric(metric):
         return {"isc": "logits", "fid": "penultimate", "kid": "penultimate", "prc": "penultimate"}[metric]
 
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
-
 
 # ----------------------------------------------------------------------------
 # FD_DINOv2 as EDM2 computes it: bicubic antialiased resize to 224, [0, 1], ImageNet mean/std, CLS features
@@ -330,7 +334,7 @@ def load_model_file(path) -> torch.nn.Module:
         return torch.jit.load(str(path), map_location="cpu")
 
 
-class DinoV2Extractor(FeatureExtractorBase):
+class DinoV2Extractor(_Uncompiled):
     INPUT_SIZE = 224
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
@@ -364,14 +368,6 @@ class DinoV2Extractor(FeatureExtractorBase):
     @staticmethod
     def get_default_feature_layer_for_metric(metric):
         return "dinov2"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
 
 
 def register_extractors() -> None:
