@@ -43,6 +43,7 @@ class DataConfig:
     channels: int = opt(3, "Channels of the data (3 for RGB, 4 for SD-VAE latents).", min=1)
     label_dim: int = opt(8, "Number of classes; 0 = unconditional.", min=0)
     num_images: int = opt(2048, "Size of the embedded dataset (shapes/gmm).", min=1)
+    shapes_version: int = opt(1, "Version of the embedded shapes renderer (scm.data.SHAPES_VERSIONS).", min=1)
     latent_mean: list = opt([], "Per-channel mean of latents (imagenet512: [1.56, -0.695, 0.483, 0.729]).")
     latent_std: list = opt([], "Per-channel std of latents (imagenet512: [5.27, 5.91, 4.21, 4.31]).")
     xflip: bool = opt(False, "Augment with horizontal flips.")

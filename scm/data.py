@@ -121,13 +121,22 @@ def _draw(name: str, q: np.ndarray, resolution: int) -> np.ndarray:
     return bg * (1 - alpha) + fg[:, :, None, None] * alpha
 
 
-def generate_shapes(num_images: int, resolution: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, 3, H, W), labels int64 (N,)).
+# version -> drawing function (name, q, resolution) -> images in [0, 1]; every version keeps its bytes.
+SHAPES_VERSIONS = {1: _draw}
 
-    Image i is of class i % 8 and depends only on (seed, i, resolution).
+
+def generate_shapes(num_images: int, resolution: int = 16, seed: int = 0, version: int = SHAPES_VERSION,
+                    return_factors: bool = False):
+    """(images uint8 (N, 3, H, W), labels int64 (N,)), plus the factors q (N, 18) if return_factors.
+
+    Image i is of class i % 8 and depends only on (seed, i, resolution, version). The factors are the
+    18 uniforms in [0, 1) the image was drawn from (size, position, rotation, colours, background).
     """
+    if version not in SHAPES_VERSIONS:
+        raise ConfigError(f"data.shapes_version: unknown version {version}; choose one of {sorted(SHAPES_VERSIONS)}")
+    draw = SHAPES_VERSIONS[version]
     # One row of uniforms per image, drawn in one call: the first M rows do not depend on N.
-    q = np.random.default_rng([seed, SHAPES_VERSION]).random((num_images, 18))
+    q = np.random.default_rng([seed, version]).random((num_images, 18))
     labels = np.arange(num_images, dtype=np.int64) % len(SHAPE_CLASSES)
     images = np.empty((num_images, 3, resolution, resolution), dtype=np.uint8)
     # Draw in chunks of images, class by class, to bound the memory of the supersampled grids.
@@ -135,8 +144,8 @@ def generate_shapes(num_images: int, resolution: int = 16, seed: int = 0) -> tup
         for k, name in enumerate(SHAPE_CLASSES):
             idx = start + np.flatnonzero(labels[start:start + 1024] == k)
             if len(idx):
-                images[idx] = np.floor(_draw(name, q[idx], resolution) * 255 + 0.5).astype(np.uint8)
-    return images, labels
+                images[idx] = np.floor(draw(name, q[idx], resolution) * 255 + 0.5).astype(np.uint8)
+    return (images, labels, q) if return_factors else (images, labels)
 
 
 # ----------------------------------------------------------------------------
@@ -173,8 +182,8 @@ class _InMemoryDataset(torch.utils.data.Dataset):
 class ShapesDataset(_InMemoryDataset):
     """The embedded dataset: `num_images` anti-aliased RGB shapes in 8 balanced classes (SHAPE_CLASSES)."""
 
-    def __init__(self, num_images: int = 2048, resolution: int = 16, seed: int = 0):
-        images, labels = generate_shapes(num_images, resolution, seed)
+    def __init__(self, num_images: int = 2048, resolution: int = 16, seed: int = 0, version: int = SHAPES_VERSION):
+        images, labels = generate_shapes(num_images, resolution, seed, version)
         super().__init__(torch.from_numpy(images), torch.from_numpy(labels))
         self.classes = SHAPE_CLASSES
 
@@ -374,7 +383,7 @@ def build_dataset(data_cfg: DataConfig, sigma_d: float):
     if name == "shapes":
         if data_cfg.channels != 3:
             raise ConfigError(f"data.channels: shapes are RGB (3), got {data_cfg.channels}")
-        ds = ShapesDataset(data_cfg.num_images, data_cfg.resolution)
+        ds = ShapesDataset(data_cfg.num_images, data_cfg.resolution, version=data_cfg.shapes_version)
     elif name == "gmm":
         shape = (data_cfg.channels, data_cfg.resolution, data_cfg.resolution)
         ds = GMMDataset(data_cfg.num_images, shape, sigma_d=sigma_d)

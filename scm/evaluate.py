@@ -252,7 +252,8 @@ def real_images(data_cfg) -> torch.Tensor | None:
 
     name = data_cfg.name
     if name == "shapes":  # exactly the set build_dataset trains on (seed 0)
-        return torch.from_numpy(generate_shapes(data_cfg.num_images, data_cfg.resolution)[0])
+        return torch.from_numpy(generate_shapes(data_cfg.num_images, data_cfg.resolution,
+                                                 version=data_cfg.shapes_version)[0])
     if name == "cifar10":
         return Cifar10Dataset(data_cfg.path).data
     if name in ("zip", "imagenet64"):
