@@ -6,7 +6,9 @@
   resumes from its run directory. A plain `scontrol requeue` sends no signal: the restarted job
   resumes from the newest periodic checkpoint.
 - The job id is stored in RUN_DIR/job.json: a restarted waiting process re-attaches to a job that is
-  still pending or running instead of submitting a duplicate.
+  still pending or running (SLURM: its state; local: its controller process) instead of submitting a
+  duplicate. Submission happens holding the run lock, so two waiting processes submit one job.
+- Writing the sbatch script (--dry-run, golden test) needs no SLURM programs; submitting does.
 """
 
 from __future__ import annotations
@@ -16,16 +18,17 @@ import json
 import logging
 import math
 import os
+import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import submitit
-import yaml
 
 from scm import config as C
-from scm.checkpoint import atomic_write_json, read_status
+from scm.checkpoint import RunLock, atomic_write_json, pid_alive, read_status
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,10 @@ ACTIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEU
 
 class LaunchError(RuntimeError):
     """A job that failed; the message carries the tail of its log."""
+
+
+class AlreadyCompleted(LaunchError):
+    """submit() found the run completed (perhaps by a trainer it waited for): nothing to submit."""
 
 
 # ----------------------------------------------------------------------------
@@ -64,7 +71,7 @@ def load_profiles(path: str | Path) -> dict[str, ClusterProfile]:
     path = Path(path)
     if not path.exists():
         raise C.ConfigError(f"cluster profiles file {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = C.load_yaml(path, "--clusters")
     known = {f.name for f in dataclasses.fields(ClusterProfile)}
     out = {}
     for name, values in raw.items():
@@ -94,26 +101,48 @@ def make_executor(launcher: str, folder: str | Path, profile: ClusterProfile, jo
                              gpus_per_node=profile.gpus_per_node, signal_delay_s=profile.signal_delay_s)
         return ex
     if launcher == "slurm":
+        missing = [prog for prog in ("sbatch", "srun") if shutil.which(prog) is None]
+        if missing:
+            raise LaunchError(f"launcher slurm: {' and '.join(missing)} not found on PATH (not a SLURM machine?); "
+                              "use --launcher local or debug here, or --dry-run to write the sbatch script")
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues)
-        params: dict[str, Any] = {
-            "job_name": job_name, "time": math.ceil(profile.time_min), "nodes": profile.nodes,
-            "ntasks_per_node": profile.tasks_per_node, "cpus_per_task": profile.cpus_per_task,
-            "mem": f"{int(profile.mem_gb * 1024)}M", "signal_delay_s": profile.signal_delay_s,
-            "setup": list(profile.setup), "additional_parameters": dict(profile.sbatch_extra),
-        }
-        if profile.gpus_per_node:
-            params["gpus_per_node"] = profile.gpus_per_node
-        for key in ("partition", "account", "qos"):
-            if getattr(profile, key):
-                params[key] = getattr(profile, key)
-        ex.update_parameters(**params)
+        ex.update_parameters(**_slurm_parameters(profile, job_name))
         return ex
     raise C.ConfigError(f"launcher: unknown {launcher!r}; choose one of {list(LAUNCHERS)}")
 
 
+def _slurm_parameters(profile: ClusterProfile, job_name: str) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "job_name": job_name, "time": math.ceil(profile.time_min), "nodes": profile.nodes,
+        "ntasks_per_node": profile.tasks_per_node, "cpus_per_task": profile.cpus_per_task,
+        "mem": f"{int(profile.mem_gb * 1024)}M", "signal_delay_s": profile.signal_delay_s,
+        "setup": list(profile.setup), "additional_parameters": dict(profile.sbatch_extra),
+    }
+    if profile.gpus_per_node:
+        params["gpus_per_node"] = profile.gpus_per_node
+    for key in ("partition", "account", "qos"):
+        if getattr(profile, key):
+            params[key] = getattr(profile, key)
+    return params
+
+
+class _ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
+    """A SlurmExecutor that only writes scripts: SlurmExecutor.__init__ refuses to exist where `srun` is
+    not on PATH (it asks the public classmethod affinity()), but the script is plain text."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
 def sbatch_script(profile: ClusterProfile, folder: str | Path, job_name: str = "scm") -> str:
-    """The sbatch script submitit would submit for this profile (for --dry-run and golden tests)."""
-    ex = make_executor("slurm", folder, profile, job_name)
+    """The sbatch script submitit would submit for this profile (for --dry-run and golden tests).
+
+    Needs no SLURM installation. submitit has no public call that renders the script without
+    submitting it, hence its private _make_submission_file_text / _submitit_command_str (the exact
+    text `submit` would write, which is what the golden test pins)."""
+    ex = _ScriptOnlySlurmExecutor(folder=Path(folder), max_num_timeout=profile.max_requeues)
+    ex.update_parameters(**_slurm_parameters(profile, job_name))
     return ex._make_submission_file_text(ex._submitit_command_str, "%j")
 
 
@@ -170,14 +199,40 @@ def _tail(path: Path | None, lines: int = 30) -> str:
     return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
 
 
-def _reattach(run_dir: Path):
-    """The job recorded in job.json if SLURM still has it pending or running; else None."""
+class _ReattachedLocalJob(submitit.LocalJob):
+    """A local job submitted by an earlier (killed) waiting process: followed through its controller's pid,
+    since only the submitting process holds its Popen handle."""
+
+    def get_info(self, mode: str = "force") -> dict[str, str]:
+        if pid_alive(int(self.job_id)):
+            return {"jobState": "RUNNING"}
+        return {"jobState": "FINISHED" if self.paths.result_pickle.exists() else "INTERRUPTED"}
+
+
+def _local_controller_alive(info: dict) -> bool:
+    """Whether job.json's local job still runs here: its controller pid lives and runs that job folder."""
+    if info.get("host") != platform.node() or not pid_alive(int(info["job_id"])):
+        return False
+    try:  # guard against a reused pid: the controller's command line names the job folder
+        return info["folder"] in Path(f"/proc/{info['job_id']}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return True
+
+
+def _reattach(run_dir: Path, launcher: str):
+    """The job recorded in job.json if it is still pending or running; else None."""
     info_path = run_dir / "job.json"
     if not info_path.exists():
         return None
     info = json.loads(info_path.read_text())
-    if info.get("launcher") != "slurm":
+    if info.get("launcher") != launcher:
         return None
+    if launcher == "local":
+        if not _local_controller_alive(info):
+            return None
+        log.info("re-attaching to local job %s (controller running) from %s", info["job_id"], info_path)
+        return _ReattachedLocalJob(folder=info["folder"], job_id=str(info["job_id"]),
+                                   tasks=list(range(info.get("tasks", 1))))
     job = submitit.SlurmJob(folder=info["folder"], job_id=str(info["job_id"]))
     state = job.state
     if state in ACTIVE_SLURM_STATES:
@@ -188,24 +243,35 @@ def _reattach(run_dir: Path):
 
 def submit(cfg: C.Config, run_dir: str | Path, launcher: str = "local", profile: ClusterProfile | None = None,
            on_config_change: str = "error"):
-    """Submit training (or re-attach to the job already running for run_dir); returns the submitit job."""
-    from scm.train import prepare_run_dir
+    """Submit training (or re-attach to the job already running for run_dir); returns the submitit job.
 
+    Raises AlreadyCompleted when there is nothing to do (also after waiting for another trainer)."""
+    from scm.train import check_teacher, prepare_run_dir
+
+    upstream = check_teacher(cfg)  # bad input: before the run directory exists
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if prepare_run_dir(cfg, run_dir, on_config_change).get("state") == "completed":
-        raise LaunchError(f"{run_dir} is already completed; nothing to submit")
     profile = profile or ClusterProfile()
-    job = _reattach(run_dir) if launcher == "slurm" else None
+    job = _reattach(run_dir, launcher) if launcher in ("local", "slurm") else None
     if job is not None:
         return job
-    # A fresh submitit folder per submission: SLURM job ids restart after a cluster reset (stack-notes).
-    folder = run_dir / "jobs" / time.strftime("%Y%m%d-%H%M%S")
-    folder = folder.with_name(f"{folder.name}-{os.getpid()}")
-    ex = make_executor(launcher, folder, profile, job_name=f"scm-{cfg.run.method}-{cfg.run.size}")
-    job = ex.submit(TrainJob(C.to_dict(cfg), str(run_dir), on_config_change))
-    atomic_write_json(run_dir / "job.json", {"job_id": str(job.job_id), "launcher": launcher,
-                                             "folder": str(folder), "submitted": time.time()})
+    # Judge and submit holding the run lock: a trainer running here (an orphan) is waited for first,
+    # and a second waiting process finds the job.json this one writes.
+    with RunLock(run_dir):
+        job = _reattach(run_dir, launcher)
+        if job is not None:
+            return job
+        if prepare_run_dir(cfg, run_dir, on_config_change, upstream).get("state") == "completed":
+            raise AlreadyCompleted(f"{run_dir} is already completed; nothing to submit")
+        # A fresh submitit folder per submission: SLURM job ids restart after a cluster reset (stack-notes).
+        folder = run_dir / "jobs" / time.strftime("%Y%m%d-%H%M%S")
+        folder = folder.with_name(f"{folder.name}-{os.getpid()}")
+        ex = make_executor(launcher, folder, profile, job_name=f"scm-{cfg.run.method}-{cfg.run.size}")
+        job = ex.submit(TrainJob(C.to_dict(cfg), str(run_dir), on_config_change))
+        atomic_write_json(run_dir / "job.json", {"job_id": str(job.job_id), "launcher": launcher,
+                                                 "folder": str(folder), "host": platform.node(),
+                                                 "tasks": profile.tasks_per_node * profile.nodes,
+                                                 "submitted": time.time()})
     log.info("submitted %s job %s for %s", launcher, job.job_id, run_dir)
     return job
 
@@ -228,13 +294,12 @@ def wait(job, run_dir: str | Path, poll_s: float = 5.0) -> dict:
 def launch(cfg: C.Config, run_dir: str | Path, launcher: str = "local", profile: ClusterProfile | None = None,
            poll_s: float = 5.0, on_config_change: str = "error") -> dict:
     """Submit (or re-attach) and wait; returns the run's final status (at once for a completed run)."""
-    from scm.train import prepare_run_dir, train
+    from scm.train import train
 
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    status = prepare_run_dir(cfg, run_dir, on_config_change)
-    if status.get("state") == "completed":
-        return status
     if launcher == "debug":
         return train(cfg, run_dir, on_config_change=on_config_change)
-    job = submit(cfg, run_dir, launcher, profile, on_config_change)
+    try:
+        job = submit(cfg, run_dir, launcher, profile, on_config_change)
+    except AlreadyCompleted:
+        return read_status(Path(run_dir))
     return wait(job, run_dir, poll_s)

@@ -2,13 +2,19 @@
 
 Progress is counted in images (kimg). The run directory holds everything:
 
-    config.json      the resolved config            run.json     hash, git commit, versions, host, job ids
-    status.json      running/completed/failed/diverged, with the reason
+    config.json      the resolved config            run.json     hash, upstream, git commit, versions, job ids
+    status.json      running/completed/failed/diverged/interrupted/requeued, with the reason, the
+                     writer's pid/host/SLURM job id and a heartbeat (read_status says 'dead' for a lost run)
     stats.jsonl      one line per log interval      checkpoints/ the last K checkpoints
-    final.pt         EMA and raw weights + config, written once the run completed
+    final.pt         EMA and raw weights + config + upstream, written once the run completed
+    lock             held (flock) by the one trainer of this directory; names it
 
 Resume = call train() again with the same run directory: it loads the newest valid checkpoint
 (model, EMA, optimizer, grad scaler, RNG states, data position) and continues bit-exactly.
+
+A run's identity is its config hash plus what it was built from (sCD: the sha256 of the teacher's
+final.pt): a run directory holding another identity is restarted or refused, never resumed. One
+trainer per run directory (scm.checkpoint.RunLock); SIGTERM/SIGINT checkpoint at the next step.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import os
 import platform
 import random
 import resource
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,12 +38,19 @@ import torch
 
 from scm import config as C
 from scm.checkpoint import (
+    HEARTBEAT_S,
+    CheckpointError,
+    RunLock,
     atomic_write_json,
+    checkpoint_digest,
     checkpoint_path,
     latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
     prune_checkpoints,
     read_status,
     save_checkpoint,
+    verify_checkpoint,
     write_status,
 )
 from scm.data import InfiniteLoader, build_dataset
@@ -67,6 +82,22 @@ class TeacherNotReadyError(FileNotFoundError):
     """sCD was pointed at a teacher run that is missing or unfinished."""
 
 
+class TeacherMismatchError(C.ConfigError):
+    """sCD was pointed at a teacher whose network does not fit the student's."""
+
+
+class FinalCorruptError(ValueError):
+    """A completed run's final.pt fails its checksum (or cannot be read): training must re-create it."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT: a checkpoint was saved at a step boundary; running again resumes from it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 # ----------------------------------------------------------------------------
 # Run-directory metadata.
 
@@ -95,15 +126,17 @@ def _versions() -> dict:
     return out
 
 
-def write_run_json(run_dir: Path, cfg: C.Config) -> None:
-    """run.json: resolved config and hash, code version, environment; keeps job ids from earlier writes."""
+def write_run_json(run_dir: Path, cfg: C.Config, upstream: dict | None = None) -> None:
+    """run.json: resolved config and hash, what the run is built from (upstream), code version,
+    environment; keeps job ids from earlier writes."""
     path = run_dir / "run.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     job_ids = old.get("slurm_job_ids", [])
     jid = os.environ.get("SLURM_JOB_ID")
     if jid and jid not in job_ids:
         job_ids.append(jid)
-    atomic_write_json(path, {"config": C.to_dict(cfg), "config_hash": C.config_hash(cfg), "git": _git_info(),
+    atomic_write_json(path, {"config": C.to_dict(cfg), "config_hash": C.config_hash(cfg),
+                             "upstream": upstream or {}, "git": _git_info(),
                              "versions": _versions(), "host": platform.node(), "slurm_job_ids": job_ids,
                              "started": old.get("started", time.time())})
 
@@ -120,13 +153,96 @@ def load_final(run_dir: Path, which: str = "ema", device="cpu"):
     if not final.exists() or status.get("state") != "completed":
         raise TeacherNotReadyError(f"expected a completed run with {final} (status.json says "
                                    f"{status.get('state')!r}); train it first")
-    from scm.checkpoint import load_checkpoint
-
-    state = load_checkpoint(final, map_location=device)
+    try:
+        state = load_checkpoint(final, map_location=device)
+    except (CheckpointError, EOFError, RuntimeError, OSError) as e:
+        raise FinalCorruptError(f"{final} is unusable ({e}); run `scm train` on {run_dir} again to "
+                                "re-create it") from None
     cfg = C.from_dict(state["config"])
     net = build_network(cfg.network, cfg.data, cfg.sigma_d)
     net.load_state_dict(state[which])
     return net.to(device).eval(), cfg
+
+
+def _is_exact_teacher(cfg: C.Config) -> bool:
+    return cfg.run.teacher_run_dir.startswith("exact:")
+
+
+def load_teacher(cfg: C.Config, device):
+    """sCD's teacher F_pretrain: the EMA network of a finished run, or an exact velocity ('exact:SPEC')."""
+    if _is_exact_teacher(cfg):
+        from scm.exact import exact_teacher
+
+        return exact_teacher(cfg.run.teacher_run_dir[len("exact:"):], cfg, device)
+    teacher, _ = load_final(Path(cfg.run.teacher_run_dir), "ema", device)
+    return teacher
+
+
+def _saved_config(run_dir: Path) -> C.Config | None:
+    """A run's config from its config.json, else from its final.pt or newest checkpoint."""
+    if (run_dir / "config.json").exists():
+        return C.from_dict(json.loads((run_dir / "config.json").read_text()))
+    for path in [run_dir / "final.pt", *reversed([p for _, p in list_checkpoints(run_dir)])]:
+        try:
+            return C.from_dict(load_checkpoint(path)["config"]) if path.exists() else None
+        except (CheckpointError, EOFError, RuntimeError, OSError, KeyError):
+            continue
+    return None
+
+
+_ARCH_KEYS = ("data.resolution", "data.channels", "data.label_dim")
+
+
+def _teacher_misfit(teacher: C.Config, student: C.Config) -> str | None:
+    """Why the teacher's weights cannot initialize the student (shapes compared on the meta device)."""
+    with torch.device("meta"):
+        t_shapes = {k: v.shape for k, v in build_network(teacher.network, teacher.data, teacher.sigma_d)
+                    .state_dict().items()}
+        s_shapes = {k: v.shape for k, v in build_network(student.network, student.data, student.sigma_d)
+                    .state_dict().items()}
+    bad = [k for k in t_shapes if k not in s_shapes or s_shapes[k] != t_shapes[k]]
+    if not bad:
+        return None
+    t_flat, s_flat = C.flatten(C.to_dict(teacher)), C.flatten(C.to_dict(student))
+    keys = [k for k in t_flat if (k.startswith("network.") or k in _ARCH_KEYS) and t_flat[k] != s_flat.get(k)]
+    if not keys:  # differs in no architecture key (another code version): name a tensor
+        k = bad[0]
+        return f"parameter {k} of shape {tuple(t_shapes[k])}, the student {tuple(s_shapes.get(k, ()))}"
+    return (", ".join(f"{k} {t_flat[k]}" for k in keys) + ", the student has "
+            + ", ".join(f"{k} {s_flat.get(k)}" for k in keys))
+
+
+def check_teacher(cfg: C.Config) -> dict:
+    """sCD: the teacher run is finished and fits the student; returns the run's upstream identity.
+
+    Called before the student's run directory is touched, so bad input leaves nothing behind.
+    The identity is the sha256 of the teacher's final.pt (from its header; loading verifies it)."""
+    if cfg.run.method != "scd":
+        return {}
+    if not cfg.run.teacher_run_dir:
+        raise C.ConfigError("run.teacher_run_dir: sCD needs the run directory of a finished teacher")
+    if _is_exact_teacher(cfg):  # the spec string is the identity, and it is in the config hash
+        return {}
+    tdir = Path(cfg.run.teacher_run_dir)
+    final = tdir / "final.pt"
+    if not tdir.is_dir():
+        raise TeacherNotReadyError(f"run.teacher_run_dir: teacher {tdir} not found (no {final}); train the "
+                                   "teacher first")
+    status = read_status(tdir)
+    if status.get("state") != "completed" or not final.exists():
+        raise TeacherNotReadyError(f"run.teacher_run_dir: teacher {tdir} is not finished (status.json says "
+                                   f"{status.get('state')!r}, {final} {'exists' if final.exists() else 'missing'}"
+                                   "); train it first")
+    try:
+        digest = checkpoint_digest(final)
+    except (CheckpointError, OSError) as e:
+        raise FinalCorruptError(f"run.teacher_run_dir: {e}; run `scm train` on {tdir} again to re-create it") \
+            from None
+    tcfg = _saved_config(tdir)
+    if tcfg is not None and (why := _teacher_misfit(tcfg, cfg)):
+        raise TeacherMismatchError(f"run.teacher_run_dir: teacher {tdir} (size {tcfg.run.size}) has {why} "
+                                   f"(size {cfg.run.size})")
+    return {"teacher_final_sha256": digest}
 
 
 # ----------------------------------------------------------------------------
@@ -182,52 +298,136 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+class _StopSignals:
+    """SIGTERM/SIGINT -> stop at the next step boundary (the loop checkpoints there); a second one
+    interrupts at once. Installed only in the main thread, and not in SLURM jobs, where submitit owns
+    the signals (USR2 checkpoints and requeues; SIGTERM is bypassed)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s: stopping at the next step boundary (again to stop at once)", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 # ----------------------------------------------------------------------------
 # The loop.
 
 
 def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] | None = None,
           stop_after_steps: int | None = None, on_config_change: str = "error",
-          on_eval: Callable[[int, float, torch.nn.Module], None] | None = None) -> dict:
+          on_eval: Callable[[int, float, torch.nn.Module], None] | None = None, wait: bool = True) -> dict:
     """Train cfg.run.method in run_dir until cfg.run.total_kimg; resumable; returns the final status.
 
     progress(info) is called after every step with {step, total_steps, kimg, loss, ...} (the CLI draws
     the bar). stop_after_steps ends the call early (tests, preemption drills) without completing.
-    on_config_change: 'error' (default) or 'restart' when run_dir holds a run of another config.
-    on_eval(step, kimg, ema_model) is called every run.eval_kimg (sweeps report intermediate FIDs);
-    it may raise StopTraining to end the run early (status 'stopped').
+    on_config_change: 'error' (default) or 'restart' when run_dir holds a run of another config or
+    teacher. on_eval(step, kimg, ema_model) is called every run.eval_kimg (sweeps report intermediate
+    FIDs); it may raise StopTraining to end the run early (status 'stopped').
+    Another live trainer on run_dir: wait for it, then go on from what it left (wait=False: raise
+    RunLockedError naming it). SIGTERM/SIGINT: checkpoint, status 'interrupted', TrainingInterrupted.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    done = prepare_run_dir(cfg, run_dir, on_config_change)
-    if done.get("state") == "completed":  # idempotent: a completed run is not trained again
-        return done
-    rank, world = _dist()
-    log.info("training %s %s in %s (rank %d, world size %d)", cfg.run.method, cfg.run.size, run_dir, rank, world)
+    # Bad input fails before the run directory is touched.
+    upstream = check_teacher(cfg)
     device = _device(cfg.run)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
     if cfg.run.precision == "fp16" and device.type != "cuda":
         raise C.ConfigError("run.precision: fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = _dist()
+    lock = RunLock(run_dir)
+    if rank == 0:  # one trainer per run directory (all ranks of one job count as one)
+        lock.acquire(wait=wait)
+    try:
+        return _train(cfg, run_dir, device, rank, world, upstream, progress, stop_after_steps, on_config_change,
+                       on_eval)
+    finally:
+        lock.release()
+
+
+def _train(cfg, run_dir, device, rank, world, upstream, progress, stop_after_steps, on_config_change, on_eval):
+    if rank == 0:
+        prepare_run_dir(cfg, run_dir, on_config_change, upstream)
+    if world > 1:  # the other ranks read what rank 0 left (a restart clears the directory)
+        torch.distributed.barrier()
+    done = read_status(run_dir, raw=True)
+    if done.get("state") == "completed" and (run_dir / "final.pt").exists():
+        log.info("%s: already completed", run_dir)
+        return done  # idempotent: a completed run is not trained again
+    log.info("training %s %s in %s (rank %d, world size %d)", cfg.run.method, cfg.run.size, run_dir, rank, world)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
     if rank == 0:
         atomic_write_json(run_dir / "config.json", C.to_dict(cfg))
-        write_run_json(run_dir, cfg)
+        write_run_json(run_dir, cfg, upstream)
         write_status(run_dir, "running", step=None)
+    with _StopSignals() as stop:
+        try:
+            return _loop(cfg, run_dir, device, rank, world, upstream, progress, stop_after_steps, on_eval, stop)
+        except DivergedError as e:
+            if rank == 0:
+                write_status(run_dir, "diverged", step=getattr(e, "step", _LAST_STEP.get("step")), reason=str(e),
+                             last_checkpoint=getattr(e, "last_checkpoint", None))
+            raise
+        except StopTraining as e:
+            if rank == 0:
+                write_status(run_dir, "stopped", step=_LAST_STEP.get("step"), reason=str(e))
+            raise
+        except TrainingInterrupted as e:
+            if rank == 0:
+                write_status(run_dir, "interrupted", step=getattr(e, "step", None), reason=str(e))
+            raise
+        except SystemExit:  # submitit requeues a preempted/timed-out job by exiting: the run goes on later
+            if rank == 0:
+                write_status(run_dir, "requeued", step=_LAST_STEP.get("step"),
+                             reason="interrupted: requeued by the launcher")
+            raise
+        except KeyboardInterrupt:
+            if rank == 0:
+                write_status(run_dir, "failed", step=_LAST_STEP.get("step"),
+                             reason="interrupted by the user (run again to resume)")
+            raise
+        except BaseException as e:
+            if rank == 0:
+                write_status(run_dir, "failed", step=_LAST_STEP.get("step"), reason=f"{type(e).__name__}: {e}")
+            raise
 
-    # Networks: sCD starts from the teacher's EMA weights and distills from that EMA copy (method.md §5).
+
+# The step the running loop reached (for the status written when it ends by an exception).
+_LAST_STEP: dict = {}
+
+
+def _loop(cfg, run_dir, device, rank, world, upstream, progress, stop_after_steps, on_eval, stop) -> dict:
+    _LAST_STEP.clear()
+    # Networks: sCD starts from the teacher's EMA weights and distills from that EMA copy (sCM paper, sCD).
     torch.manual_seed(cfg.run.seed)
     net = build_network(cfg.network, cfg.data, cfg.sigma_d).to(device)
     teacher = None
     if cfg.run.method == "scd":
-        if not cfg.run.teacher_run_dir:
-            raise C.ConfigError("run.teacher_run_dir: sCD needs the run directory of a finished teacher")
-        teacher, _ = load_final(Path(cfg.run.teacher_run_dir), "ema", device)
-        teacher.requires_grad_(False)
-        missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
-        if unexpected:
-            raise C.ConfigError(f"run.teacher_run_dir: teacher weights do not fit the student: {unexpected[:5]}")
-        if missing:
-            log.info("student parameters not in the teacher (kept at init): %s", missing)
+        teacher = load_teacher(cfg, device)
+        if isinstance(teacher, torch.nn.Module):
+            teacher.requires_grad_(False)
+        if not _is_exact_teacher(cfg):  # an exact teacher has no weights: the student starts from its init
+            missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
+            if unexpected:
+                raise TeacherMismatchError(f"run.teacher_run_dir: teacher weights do not fit the student: "
+                                           f"{unexpected[:5]}")
+            if missing:
+                log.info("student parameters not in the teacher (kept at init): %s", missing)
     ema = EMA(net, cfg.ema)
     opt = _optimizer(cfg.optim, net.parameters())
     use_scaler = cfg.run.precision == "fp16"
@@ -252,6 +452,10 @@ def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] |
     # Resume from the newest valid checkpoint.
     step, bad_batches, last_ckpt = 0, 0, None
     found = latest_valid_checkpoint(run_dir, map_location=device)
+    if found and _identity(found[1]) != _identity({"config": C.to_dict(cfg), "upstream": upstream}):
+        # prepare_run_dir compared config.json/run.json; this is the weights' own record
+        raise C.ConfigError(f"{found[0]} was trained under another config or teacher than {run_dir}/config.json "
+                            "says; use a new run directory, or restart it (--on-config-change restart)")
     if found:
         last_ckpt, state = found
         net.load_state_dict(state["net"])
@@ -262,9 +466,13 @@ def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] |
         step, bad_batches = state["step"], state["bad_batches"]
         _set_rng_state(state["rng"], device)
         log.info("resumed from %s at step %d (%.1f kimg)", last_ckpt, step, step * batch / 1000)
-        _truncate_stats(run_dir / "stats.jsonl", step)
     else:
+        if list_checkpoints(run_dir):
+            log.error("NO USABLE CHECKPOINT: all %d checkpoints in %s are corrupt (named above); restarting "
+                      "from step 0", len(list_checkpoints(run_dir)), run_dir / "checkpoints")
         torch.manual_seed(cfg.run.seed + 1 + rank)
+    if rank == 0:  # stats past the resumed step (0 without a checkpoint) will be written again
+        _truncate_stats(run_dir / "stats.jsonl", step)
 
     def save(at_step: int, loader_state=None, rng=None) -> Path:
         path = checkpoint_path(run_dir, at_step)
@@ -272,7 +480,7 @@ def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] |
             save_checkpoint(path, {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                                    "scaler": scaler.state_dict(), "loader": loader_state or loader.state_dict(),
                                    "rng": rng or _rng_state(device), "step": at_step, "bad_batches": bad_batches,
-                                   "config": C.to_dict(cfg)})
+                                   "config": C.to_dict(cfg), "upstream": upstream})
             prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
         return path
 
@@ -297,11 +505,23 @@ def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] |
 
     net.train()
     window, t_window, steps_this_call = [], time.perf_counter(), 0
+    t_heartbeat = time.monotonic()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
         while step < total_steps:
+            _LAST_STEP["step"] = step
+            if stop.signum is not None:  # SIGTERM/SIGINT: keep everything up to this step boundary
+                path = save(step)
+                name = signal.Signals(stop.signum).name
+                err = TrainingInterrupted(f"{name}: stopped at step {step}, checkpoint {path}; run again to resume",
+                                          stop.signum)
+                err.step = step
+                raise err
             if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+                if rank == 0:
+                    write_status(run_dir, "interrupted", step=step, reason=f"stopped after {steps_this_call} steps "
+                                 "(stop_after_steps); run again to resume")
                 return read_status(run_dir)
             # One optimization step.
             phase.update(name="compute", loader=loader.state_dict(), rng=_rng_state(device))
@@ -325,8 +545,10 @@ def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] |
             if not math.isfinite(diag["loss"]) or (not math.isfinite(grad_norm) and not use_scaler):
                 bad_batches += 1
                 if bad_batches > cfg.run.max_bad_batches:
-                    raise DivergedError(f"non-finite loss or gradient at step {step} (kimg {step * batch / 1000:.1f});"
+                    err = DivergedError(f"non-finite loss or gradient at step {step} (kimg {step * batch / 1000:.1f});"
                                         f" last good checkpoint: {last_ckpt or 'none'}")
+                    err.step, err.last_checkpoint = step, str(last_ckpt)
+                    raise err
                 log.warning("skipping non-finite batch at step %d (%d/%d)", step, bad_batches,
                             cfg.run.max_bad_batches)
                 opt.zero_grad(set_to_none=True)
@@ -355,33 +577,18 @@ def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] |
                     with open(run_dir / "stats.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")
                 window, t_window = [], time.perf_counter()
+            # Heartbeat: status.json names this process and says it is alive (every log interval or HEARTBEAT_S).
+            if rank == 0 and (step % log_every == 0 or time.monotonic() - t_heartbeat > HEARTBEAT_S):
+                write_status(run_dir, "running", step=step)
+                t_heartbeat = time.monotonic()
             if step % ckpt_every == 0 and step < total_steps:
                 last_ckpt = save(step)
             if on_eval is not None and eval_every and step % eval_every == 0:
+                _LAST_STEP["step"] = step
                 on_eval(step, step * batch / 1000, ema.model)
                 net.train()
             if progress:
                 progress(info)
-    except DivergedError as e:
-        if rank == 0:
-            write_status(run_dir, "diverged", step=step, reason=str(e), last_checkpoint=str(last_ckpt))
-        raise
-    except StopTraining as e:
-        if rank == 0:
-            write_status(run_dir, "stopped", step=step, reason=str(e))
-        raise
-    except SystemExit:  # submitit requeues a preempted/timed-out job by exiting: the run goes on later
-        if rank == 0:
-            write_status(run_dir, "running", step=step, reason="interrupted: requeued by the launcher")
-        raise
-    except KeyboardInterrupt:
-        if rank == 0:
-            write_status(run_dir, "failed", step=step, reason="interrupted by the user (run again to resume)")
-        raise
-    except BaseException as e:
-        if rank == 0:
-            write_status(run_dir, "failed", step=step, reason=f"{type(e).__name__}: {e}")
-        raise
     finally:
         _SAVE_NOW = None
 
@@ -389,7 +596,7 @@ def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] |
     last_ckpt = save(step)
     if rank == 0:
         save_checkpoint(run_dir / "final.pt", {"ema": ema.state_dict(), "net": net.state_dict(),
-                                               "config": C.to_dict(cfg), "step": step})
+                                               "config": C.to_dict(cfg), "upstream": upstream, "step": step})
         write_status(run_dir, "completed", step=step, kimg=step * batch / 1000)
     return read_status(run_dir)
 
@@ -406,23 +613,73 @@ def _truncate_stats(path: Path, step: int) -> None:
         atomic_write_bytes(path, ("\n".join(kept) + ("\n" if kept else "")).encode())
 
 
-def prepare_run_dir(cfg: C.Config, run_dir: str | Path, on_config_change: str = "error") -> dict:
-    """Check run_dir against cfg; returns its status ('completed' only with final.pt present).
+def _identity(state: dict) -> dict:
+    """What a run is: its config hash and what it was built from (sCD: the teacher's final.pt sha256)."""
+    return {"config_hash": C.config_hash(C.from_dict(state["config"])), "upstream": state.get("upstream") or {}}
 
-    A run directory holds one config: a run is resumed only with the same config. Otherwise 'error'
-    raises, 'restart' clears the stale state (the pipeline's choice after a config change).
+
+def _saved_identity(run_dir: Path) -> tuple[dict | None, str]:
+    """(identity, where it was read) of what run_dir holds; (None, '') for a fresh directory.
+
+    config.json + run.json when both are there; otherwise the weights' own record (final.pt or the
+    newest valid checkpoint carry config and upstream), so a lost config.json cannot hide a stale run."""
+    cfg_path, run_path = run_dir / "config.json", run_dir / "run.json"
+    if cfg_path.exists() and run_path.exists():
+        upstream = json.loads(run_path.read_text()).get("upstream") or {}
+        return _identity({"config": json.loads(cfg_path.read_text()), "upstream": upstream}), str(cfg_path)
+    for path in [run_dir / "final.pt", *reversed([p for _, p in list_checkpoints(run_dir)])]:
+        try:
+            if path.exists():
+                return _identity(load_checkpoint(path)), str(path)
+        except (CheckpointError, EOFError, RuntimeError, OSError, KeyError):
+            continue
+    if cfg_path.exists():
+        return _identity({"config": json.loads(cfg_path.read_text())}), str(cfg_path)
+    return None, ""
+
+
+def _describe_upstream(upstream: dict) -> str:
+    sha = upstream.get("teacher_final_sha256")
+    return f"teacher final.pt sha256 {sha[:16]}" if sha else "no recorded teacher"
+
+
+def prepare_run_dir(cfg: C.Config, run_dir: str | Path, on_config_change: str = "error",
+                    upstream: dict | None = None) -> dict:
+    """Check run_dir against cfg (and its upstream); returns its status ('completed' only with a good final.pt).
+
+    A run directory holds one run identity (config hash + upstream, see _identity): it is resumed only
+    with the same one. Otherwise 'error' raises, 'restart' clears the stale state (the pipeline's
+    choice after a config or teacher change). A corrupt final.pt is removed: training re-creates it.
+    Call it holding the run lock (train() does).
     """
     run_dir = Path(run_dir)
-    saved_path = run_dir / "config.json"
-    if saved_path.exists() and C.config_hash(C.from_dict(json.loads(saved_path.read_text()))) != C.config_hash(cfg):
+    upstream = check_teacher(cfg) if upstream is None else upstream
+    saved, where = _saved_identity(run_dir)
+    now = {"config_hash": C.config_hash(cfg), "upstream": upstream}
+    if saved is not None and saved != now:
+        if saved["config_hash"] != now["config_hash"]:
+            what = f"another config ({where}: hash {saved['config_hash']}, now {now['config_hash']})"
+        else:
+            what = (f"another teacher ({where}: {_describe_upstream(saved['upstream'])}; now "
+                    f"{cfg.run.teacher_run_dir}: {_describe_upstream(upstream)})")
         if on_config_change != "restart":
-            raise C.ConfigError(f"{run_dir} holds a run with another config (config.json); use a new run "
-                                "directory, or restart it (--on-config-change restart)")
-        log.warning("config changed: restarting %s from scratch", run_dir)
+            raise C.ConfigError(f"{run_dir} holds a run of {what}; use a new run directory, or restart it "
+                                "(--on-config-change restart)")
+        log.warning("%s holds a run of %s: restarting it from scratch", run_dir, what)
         _clear_run(run_dir)
     status = read_status(run_dir)
-    if status.get("state") == "completed" and not (run_dir / "final.pt").exists():
-        status = {**status, "state": "incomplete"}
+    final = run_dir / "final.pt"
+    if status.get("state") == "completed":
+        if not final.exists():
+            status = {**status, "state": "incomplete"}
+        else:
+            try:
+                verify_checkpoint(final)
+            except (CheckpointError, OSError) as e:
+                log.error("%s is corrupt (%s): removing it; training resumes from the last checkpoint and "
+                          "writes it again", final, e)
+                final.unlink()
+                status = {**status, "state": "incomplete", "reason": f"corrupt final.pt: {e}"}
     return status
 
 

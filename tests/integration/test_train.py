@@ -48,7 +48,8 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert read_status(run)["state"] == "running"  # killed, not completed
+    status = read_status(run)  # killed: neither completed nor still 'running'
+    assert status["state"] == "dead" and f"pid {proc.pid}" in status["reason"]
     assert 0 < len(list_checkpoints(run))
     subprocess.run(_scm_train(cfg_file, run), check=True, env=env, capture_output=True)
     ref, resumed = load_checkpoint(tmp_path / "ref" / "final.pt"), load_checkpoint(run / "final.pt")
@@ -89,6 +90,7 @@ def test_scd_needs_a_finished_teacher_and_starts_from_its_ema(tmp_path):
     cfg = tiny_cfg(**{"run.method": "scd", "run.teacher_run_dir": str(teacher_dir), "run.total_kimg": 0.064})
     with pytest.raises(TeacherNotReadyError, match=str(teacher_dir / "final.pt")):
         train(cfg, tmp_path / "scd")
+    assert not (tmp_path / "scd").exists()  # refused before the run directory was made
     status = train(tiny_cfg(**{"run.total_kimg": 0.128}), teacher_dir)
     assert status["state"] == "completed"
     # stop sCD after 0 steps: the student's weights are the teacher's EMA weights
@@ -128,12 +130,33 @@ def test_student_initialized_from_teacher_ema(tmp_path):
 
 
 def test_stats_and_status_files(tmp_path):
-    status = train(tiny_cfg(**{"run.method": "sct"}), tmp_path)
+    old = os.umask(0o027)  # results are shared: every file follows the umask, like stats.jsonl does
+    try:
+        status = train(tiny_cfg(**{"run.method": "sct"}), tmp_path)
+    finally:
+        os.umask(old)
     assert status["state"] == "completed" and status["step"] == 40
+    assert status["pid"] == os.getpid() and status["host"] and "updated" in status
     rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     for key in ("loss", "mse", "g_norm", "grad_norm", "lr", "sec_per_kimg", "peak_mem_mb", "kimg"):
         assert key in rows[-1], key
     assert Path(tmp_path / "final.pt").exists() and (tmp_path / "config.json").exists()
+    for name in ("config.json", "run.json", "status.json", "stats.jsonl", "final.pt",
+                 *(f"checkpoints/{p.name}" for _, p in list_checkpoints(tmp_path))):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_setup_error_leaves_status_failed_with_the_reason(tmp_path, monkeypatch):
+    import scm.train as T
+
+    def unreadable(*args, **kwargs):
+        raise OSError("dataset shard 3 is unreadable")
+
+    monkeypatch.setattr(T, "build_dataset", unreadable)
+    with pytest.raises(OSError):
+        train(tiny_cfg(), tmp_path)
+    status = read_status(tmp_path)
+    assert status["state"] == "failed" and status["reason"] == "OSError: dataset shard 3 is unreadable"
 
 
 def test_on_eval_hook_and_stop_training(tmp_path):
