@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +18,9 @@ log = logging.getLogger("scm")
 
 
 def cmd_info_sizes(args) -> int:
+    from scm import config as C
+
+    C.check_dataset(args.dataset, "--dataset")
     from scm.networks import size_table
 
     rows = size_table(args.dataset)
@@ -30,25 +35,30 @@ def cmd_info_sizes(args) -> int:
 
 
 def load_config(config_file: str, override_files: list[str], sets: list[str]):
-    """The resolved config: a YAML study/run file, then override files (ablations, best.yaml), then --set."""
-    import yaml
-
+    """The resolved config: a YAML study/run file, then override files (ablations, best.yaml), then --set.
+    An error names where its key was given: the config file, an override file, or --set."""
     from scm import config as C
 
-    path = Path(config_file)
-    if not path.exists():
-        raise C.ConfigError(f"--config: {path} not found")
-    base = yaml.safe_load(path.read_text()) or {}
+    base = C.flatten(C.load_yaml(config_file, "--config"))
+    source = {C.canonical_key(k): f"in {config_file}" for k in base}  # the last layer that gave each key
     overrides: dict = {}
     for f in override_files:
-        if not Path(f).exists():
-            raise C.ConfigError(f"--overrides: {f} not found")
-        overrides.update(C.flatten(yaml.safe_load(Path(f).read_text()) or {}))
-    overrides.update(C.parse_set(sets))
+        flat = C.flatten(C.load_yaml(f, "--overrides"))
+        overrides.update(flat)
+        source.update({C.canonical_key(k): f"in {f}" for k in flat})
+    try:
+        flat = C.parse_set(sets)
+    except C.ConfigError as e:
+        raise C.ConfigError(f"--set: {e}") from None
+    overrides.update(flat)
+    source.update({C.canonical_key(k): "from --set" for k in flat})
     try:
         return C.resolve_from_dict(base, overrides)
     except C.ConfigError as e:
-        raise C.ConfigError(f"{e} (in {path}{', ' + ', '.join(override_files) if override_files else ''})") from None
+        # a key of a preset (or a cross-field check) has no single source: name every layer given
+        where = source.get(C.canonical_key(e.key or "")) or "in " + ", ".join(
+            [str(config_file), *map(str, override_files), *(["--set"] if sets else [])])
+        raise C.ConfigError(f"{e} ({where})", key=e.key) from None
 
 
 class _Bar:
@@ -89,6 +99,8 @@ def _watch(job, run_dir: Path, bar: _Bar, poll_s: float) -> None:
 def cmd_train(args) -> int:
     from scm import config as C
     from scm import launch
+    from scm.checkpoint import read_status
+    from scm.train import FinalCorruptError, TeacherNotReadyError, TrainingInterrupted, check_teacher, train
 
     cfg = load_config(args.config, args.overrides, args.set)
     profile = launch.get_profile(args.clusters, args.cluster) if args.cluster else launch.ClusterProfile()
@@ -102,21 +114,36 @@ def cmd_train(args) -> int:
             print(launch.sbatch_script(profile, run_dir.resolve() / "jobs" / "DRY-RUN",
                                        job_name=f"scm-{cfg.run.method}-{cfg.run.size}"))
         return 0
+    try:  # sCD's teacher: missing, unfinished or corrupt -> one line, before the run directory exists
+        check_teacher(cfg)
+    except (TeacherNotReadyError, FinalCorruptError) as e:
+        return _user_error(e)
     bar = _Bar(f"{cfg.run.method} {cfg.run.size}")
     try:
-        from scm.train import prepare_run_dir, train
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        status = prepare_run_dir(cfg, run_dir, args.on_config_change)
-        if status.get("state") == "completed":
-            print(f"{run_dir}: already completed", file=sys.stderr)
-        elif args.launcher == "debug":
+        if args.launcher == "debug":
             status = train(cfg, run_dir, progress=bar, on_config_change=args.on_config_change)
         else:
-            job = launch.submit(cfg, run_dir, args.launcher, profile, args.on_config_change)
-            print(f"submitted {args.launcher} job {job.job_id} (run dir {run_dir})", file=sys.stderr)
-            _watch(job, run_dir, bar, args.poll)
-            status = launch.wait(job, run_dir, args.poll)
+            try:
+                job = launch.submit(cfg, run_dir, args.launcher, profile, args.on_config_change)
+            except launch.AlreadyCompleted:
+                job, status = None, read_status(run_dir)
+                print(f"{run_dir}: already completed", file=sys.stderr)
+            if job is not None:
+                print(f"following {args.launcher} job {job.job_id} (run dir {run_dir})", file=sys.stderr)
+                _watch(job, run_dir, bar, args.poll)
+                status = launch.wait(job, run_dir, args.poll)
+    except TrainingInterrupted as e:  # SIGTERM/Ctrl-C: checkpoint saved at a step boundary
+        bar.close()
+        print(f"scm: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # a second Ctrl-C, or one while waiting for a job or the run lock
+        bar.close()
+        print(f"scm: interrupted; {run_dir} resumes from its last checkpoint when run again", file=sys.stderr)
+        return 130
+    except launch.LaunchError as e:  # a failed job (the message carries its log tail) or no SLURM here
+        bar.close()
+        print(f"scm: error: {e}", file=sys.stderr)
+        return 1
     finally:
         bar.close()
     print(json.dumps(status))
@@ -128,6 +155,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from scm import config as C
+
+    C.check_dataset(args.dataset, "--dataset")
+    for f in args.metrics:
+        if not Path(f).is_file():
+            raise UsageError(f"--metrics: {f} not found (run scm evaluate first)")
     from scm.report import build_report
 
     paths = build_report(args.metrics, args.results, args.dataset, args.reference)
@@ -285,8 +318,67 @@ def cmd_bench_orchestration(args) -> int:
 
 def _user_error(e: Exception) -> int:
     """Missing files, weights or extras: one line that says what to do, exit status 2."""
-    print(f"scm: error: {e}", file=sys.stderr)
+    message = " ".join(str(e).splitlines())
+    print(f"scm: error: {message}", file=sys.stderr)
     return 2
+
+
+class UsageError(ValueError):
+    """A bad command-line value (a count, a path): caught by main() and printed as one line, before any work."""
+
+
+def _at_least(flag: str, value, minimum) -> None:
+    """value >= minimum; NaN and inf are refused (for optional flags, None means the run's own setting)."""
+    if value is not None and (not math.isfinite(value) or value < minimum):
+        raise UsageError(f"{flag}: expected a finite number >= {minimum}, got {value}")
+
+
+def _check_creatable(flag: str, path: Path) -> None:
+    """`path` does not exist yet: its nearest existing ancestor must be a folder we may write in."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag}: cannot create {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot create {path}: permission denied in {parent}")
+
+
+def _check_run_dir(flag: str, path: str, create: bool) -> None:
+    """A run directory must be a readable folder; `create` (training): writable, or creatable when missing.
+    A missing run directory to read from is left to the command (it says to train the run first)."""
+    p = Path(path)
+    if not p.exists():
+        if create:
+            _check_creatable(flag, p)
+        return
+    if not p.is_dir():
+        raise UsageError(f"{flag}: {p} is not a directory")
+    if not os.access(p, os.R_OK | os.X_OK | (os.W_OK if create else 0)):
+        raise UsageError(f"{flag}: {p}: permission denied (needs read{', write' if create else ''} access)")
+
+
+def _check_out_file(flag: str, path: str) -> None:
+    """An output file, written atomically (temporary file + rename): a file or nothing at `path`, in a folder
+    we may write in."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag}: {p} is a directory, expected a file name")
+    if not p.exists():
+        _check_creatable(flag, p)
+    elif not os.access(p.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write {p}: permission denied in {p.parent}")
+
+
+def _check_out_dir(flag: str, path: str) -> None:
+    """An output folder: a writable folder, or creatable."""
+    p = Path(path)
+    if not p.exists():
+        _check_creatable(flag, p)
+    elif not p.is_dir():
+        raise UsageError(f"{flag}: {p} is not a directory")
+    elif not os.access(p, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write in {p}: permission denied")
 
 
 def _set_threads(n: int) -> None:
@@ -301,6 +393,11 @@ def cmd_sample(args) -> int:
 
     _set_threads(args.threads)
     try:
+        _at_least("--steps", args.steps, 1)  # bad counts and paths: before loading the run
+        _at_least("--num", args.num, 0)
+        _at_least("--batch", args.batch, 1)
+        _at_least("--guidance", args.guidance, 0.0)
+        _check_out_dir("--out", args.out)
         if not args.seeds and not args.num:
             raise ValueError("give --num N (seeds 0..N-1) or --seeds A-B")
         seeds = E.parse_seeds(args.seeds) if args.seeds else list(range(args.num))
@@ -319,6 +416,15 @@ def cmd_evaluate(args) -> int:
 
     _set_threads(args.threads)
     try:
+        for steps in args.steps:  # bad counts and paths: before loading the run and sampling
+            _at_least("--steps", steps, 1)
+        _at_least("--num", args.num, 1)
+        _at_least("--seed-sets", args.seed_sets, 1)
+        _at_least("--first-seed", args.first_seed, 0)
+        _at_least("--batch", args.batch, 1)
+        _at_least("--kid-subsets", args.kid_subsets, 1)
+        _at_least("--guidance", args.guidance, 0.0)
+        _check_out_file("--out", args.out)
         entries = E.evaluate_run(
             args.run_dir, args.steps, num=args.num, seed_sets=args.seed_sets, first_seed=args.first_seed,
             batch=args.batch, solver=args.solver, guidance=args.guidance, extractor=args.extractor,
@@ -329,11 +435,12 @@ def cmd_evaluate(args) -> int:
         return _user_error(e)
     out = E.write_metrics(entries, args.out)
     fmt = lambda v: "-" if v is None else f"{v:.4g}"
-    print(f"{'run':<20} {'steps':>5} {'NFE':>4} {'FID min':>9} {'FID mean':>9} {'sd':>7} {'KID':>9} "
-          f"{'prec':>5} {'rec':>5}")
+    print(f"{'run':<20} {'steps':>5} {'NFE':>4} {'FID min':>9} {'FID mean':>9} {'sd':>7} {'class acc':>9} "
+          f"{'sd':>6} {'FJD mean':>9} {'KID':>9} {'prec':>5} {'rec':>5}")
     for e in entries:
         print(f"{e['run_id']:<20} {e['steps']:>5} {e['nfe']:>4} {fmt(e['fid_min']):>9} {fmt(e['fid_mean']):>9} "
-              f"{fmt(e['fid_sd']):>7} {fmt(e['kid']):>9} {fmt(e['precision']):>5} {fmt(e['recall']):>5}")
+              f"{fmt(e['fid_sd']):>7} {fmt(e['class_accuracy_mean']):>9} {fmt(e['class_accuracy_sd']):>6} "
+              f"{fmt(e['fjd_mean']):>9} {fmt(e['kid']):>9} {fmt(e['precision']):>5} {fmt(e['recall']):>5}")
     print(f"extractor {entries[0]['feature_extractor']}, reference {entries[0]['ref_stats']}; wrote {out}")
     return 0
 
@@ -356,15 +463,56 @@ def cmd_data_fetch_weights(args) -> int:
 
 def cmd_data_build_extractor(args) -> int:
     from scm import metrics as M
+    from scm.data import SHAPES_VERSIONS
 
-    out = Path(args.out)
+    if args.shapes_version not in SHAPES_VERSIONS:
+        return _user_error(ValueError(f"--shapes-version: unknown version {args.shapes_version}; "
+                                      f"choose one of {sorted(SHAPES_VERSIONS)}"))
+    try:
+        _at_least("--steps", args.steps, 1)
+    except ValueError as e:
+        return _user_error(e)
+    out = Path(args.out or M.shapes_extractor_path(args.shapes_version))
     if out.exists() and not args.force:
-        meta = M.load_shapes_extractor(out)[1]
+        try:
+            meta = M.load_shapes_extractor(out, args.shapes_version)[1]
+        except ValueError as e:
+            return _user_error(ValueError(f"{e} (or --force retrains)"))
         print(f"{out} exists (test accuracy {meta['test_accuracy']:.4f}); --force retrains")
         return 0
-    meta = M.train_shapes_extractor(out, steps=args.steps)
-    print(f"wrote {out}: test accuracy {meta['test_accuracy']:.4f} on {meta['test_images']} held-out images, "
-          f"{meta['train_seconds']:.1f} s")
+    meta = M.train_shapes_extractor(out, args.shapes_version, steps=args.steps)
+    print(f"wrote {out}: {meta['name']} on shapes version {meta['shapes_version']}, test accuracy "
+          f"{meta['test_accuracy']:.4f} and reconstruction RMSE {meta['test_recon_rmse']:.4f} on "
+          f"{meta['test_images']} held-out images, {meta['train_seconds']:.1f} s")
+    return 0
+
+
+def cmd_data_calibrate(args) -> int:
+    from scm import calibration as CAL
+    from scm import evaluate as E
+
+    _set_threads(args.threads)
+    try:
+        _at_least("--num", args.num, 2)
+        _at_least("--ref-images", args.ref_images, 2)
+        _at_least("--seed-sets", args.seed_sets, 1)
+        runs = []
+        for spec in args.run or []:
+            label, sep, rest = spec.partition("=")
+            run_dir, sep2, steps = rest.rpartition(":")
+            if not (sep and sep2 and steps.isdigit() and int(steps) >= 1):
+                raise ValueError(f"--run: expected LABEL=RUN_DIR:STEPS, got {spec!r}")
+            runs.append((label, run_dir, int(steps)))
+        rows = CAL.calibrate(args.extractor_weights, args.shapes_version, args.num, args.ref_images,
+                             args.seed_sets, runs, cache_dir=args.cache_dir,
+                             device=str(E.resolve_device(args.device)))
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        return _user_error(e)
+    table = CAL.markdown_table(rows)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+    print(table, end="")
     return 0
 
 
@@ -382,7 +530,8 @@ def cmd_data_ref_stats(args) -> int:
         else:
             raise ValueError("give --dataset NAME (with --path for files) or --run-dir DIR")
         images = E.real_images(data_cfg)
-        ref = M.make_reference(data_cfg.name, images, args.extractor, args.extractor_weights, args.cache_dir)
+        ref = M.make_reference(data_cfg.name, images, args.extractor, args.extractor_weights, args.cache_dir,
+                               shapes_version=data_cfg.shapes_version if data_cfg.name == "shapes" else None)
         mu, sigma, cached = M.reference_stats(ref, str(E.resolve_device(args.device)))
     except (FileNotFoundError, ValueError, ImportError) as e:
         return _user_error(e)
@@ -403,14 +552,20 @@ def cmd_sweep(args) -> int:
     spec = S.load_spec(args.study, n_trials=args.n_trials, storage=args.storage)
     profile = launch.get_profile(args.clusters, args.cluster) if args.cluster else None
     out = Path(args.out or f"results/sweeps/{spec.name}")
+    def counts(summary: dict) -> None:
+        left = "".join(f", {summary[k]} {k}" for k in ("running", "waiting") if summary[k])  # killed workers'
+        print(f"study {summary['study']}: {summary['trials']} trials ({summary['complete']} complete, "
+              f"{summary['pruned']} pruned, {summary['fail']} failed{left}) in {summary['seconds']:.1f} s; storage "
+              f"{summary['storage']}")
+
     try:
         summary = S.run_sweep(spec, out, workers=args.workers, launcher=args.launcher, profile=profile,
                               figures=args.figures, restart=args.restart)
     except (S.SweepError, FileNotFoundError, ImportError) as e:
+        if getattr(e, "summary", None):
+            counts(e.summary)
         return _user_error(e)
-    print(f"study {summary['study']}: {summary['trials']} trials ({summary['complete']} complete, "
-          f"{summary['pruned']} pruned, {summary['fail']} failed) in {summary['seconds']:.1f} s; storage "
-          f"{summary['storage']}")
+    counts(summary)
     print(f"best: trial {summary['best_trial']}, value {summary['best_value']:.6g}, params {summary['best_params']}")
     print(f"wrote {summary['best_yaml']}, {summary['trials_csv']} and {len(summary['figures'])} figures")
     for e in summary["worker_errors"]:
@@ -421,8 +576,52 @@ def cmd_sweep(args) -> int:
 # ----------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (unknown choice, bad type, missing argument) are one line like every other bad
+    input; the sub-command parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"scm: error: {' '.join(message.splitlines())} (usage: {self.prog} --help)\n")
+
+
+# ----------------------------------------------------------------------------
+# scm exact: the exact-answer study on a Gaussian mixture (docs/gmm-study.md)
+
+
+def cmd_exact(args) -> int:
+    import torch
+    import yaml
+
+    from scm import exact, exact_report
+    from scm.checkpoint import atomic_write_json
+
+    torch.set_num_threads(args.threads)
+    spec = json.loads(args.spec) if args.spec.lstrip().startswith("{") else yaml.safe_load(Path(args.spec).read_text())
+    if args.what == "reference":
+        ref, floors = exact.reference_from_spec(spec)
+        exact.save_reference({**ref, "floors": floors}, args.out)
+        print(f"wrote {args.out}: {len(ref['noise'])} noises, times {[round(t, 4) for t in ref['times']]}, "
+              f"floors {json.dumps({k: round(v, 4) for k, v in floors.items()})}")
+    elif args.what == "train":
+        result = exact.run_job(spec, exact.load_reference(args.reference))
+        atomic_write_json(Path(args.out), result)
+        for run in result["runs"]:
+            m = run["metrics"]
+            print(f"{run['run_id']}: one-step error {m['err_T']:.4f}, SW 2-step {m['sw_2step']:.4f}, "
+                  f"coverage TV {m['tv_2step']:.3f}")
+        print(f"wrote {args.out}")
+    elif args.what == "map2d":
+        for path in exact_report.map2d(spec, args.out):
+            print(f"wrote {path}")
+    else:
+        ref = exact.load_reference(args.reference)
+        for path in exact_report.build_exact_report(spec, args.metrics, ref, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scm", description="Continuous-time consistency models (sCM): "
+    p = _Parser(prog="scm", description="Continuous-time consistency models (sCM): "
                                 "train, sample, evaluate, benchmark.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -541,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--solver", choices=["euler", "heun", "dpm2s"], default=None)
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--extractor", default=None,
-                    help="scm-shapes-v1 (default for shapes) or inception-v3-compat (default otherwise)")
+                    help="scm-shapes-v2 (default for shapes) or inception-v3-compat (default otherwise)")
     ev.add_argument("--extractor-weights", default=None,
                     help="local weights: the shapes artifact (trained if missing) or the Inception file")
     ev.add_argument("--cache-dir", default="results/cache/ref-stats", help="reference statistics and features")
@@ -565,11 +764,26 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("what", choices=["inception", "dinov2"])
     fw.add_argument("--out", required=True, help="inception: .pth; dinov2: TorchScript .pt or torch.export .pt2")
     fw.set_defaults(func=cmd_data_fetch_weights)
-    be = dsub.add_parser("build-extractor", help="train the shapes feature network (deterministic, ~30 s)")
-    be.add_argument("--out", default="results/artifacts/shapes-features-v1.pt")
-    be.add_argument("--steps", type=int, default=500)
+    be = dsub.add_parser("build-extractor", help="train the shapes feature network (deterministic, ~1 min)")
+    be.add_argument("--shapes-version", type=int, default=1, help="renderer version (data.shapes_version)")
+    be.add_argument("--out", default=None,
+                    help="default results/artifacts/shapes-features-v{extractor}-data{shapes version}.pt")
+    be.add_argument("--steps", type=int, default=600)
     be.add_argument("--force", action="store_true")
     be.set_defaults(func=cmd_data_build_extractor)
+    cal = dsub.add_parser("calibrate", help="the shapes metrics' calibration table: real vs real, degradations, "
+                          "runs (docs/metrics.md)")
+    cal.add_argument("--shapes-version", type=int, default=1, help="renderer version (data.shapes_version)")
+    cal.add_argument("--extractor-weights", default=None, help="default: the version's artifact (trained if missing)")
+    cal.add_argument("--num", type=int, default=512, help="images per seed set (the study's eval.num_samples)")
+    cal.add_argument("--ref-images", type=int, default=2048, help="reference set size (the study's data.num_images)")
+    cal.add_argument("--seed-sets", type=int, default=3)
+    cal.add_argument("--run", action="append", help="LABEL=RUN_DIR:STEPS: a run's samples as a row (repeatable)")
+    cal.add_argument("--cache-dir", default="results/cache/ref-stats")
+    cal.add_argument("--out", default=None, help="also write the markdown table here")
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    cal.set_defaults(func=cmd_data_calibrate)
     rs = dsub.add_parser("ref-stats", help="reference statistics (EDM .npz with mu, sigma) of a dataset")
     rs.add_argument("--dataset", default=None, choices=["shapes", "cifar10", "zip", "imagenet64"])
     rs.add_argument("--path", default="", help="CIFAR-10 root or EDM2 ZIP")
@@ -596,8 +810,21 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--n-trials", type=int, default=None, help="trial budget (overrides the study file)")
     sw.add_argument("--storage", default=None, help="journal file or RDB URL (overrides the study file)")
     sw.add_argument("--restart", action="store_true",
-                    help="the study file changed: move the old journal and trials aside and start afresh")
+                    help="the study file changed, or the journal lost the study: move the old journal and "
+                    "outputs aside and start afresh")
     sw.set_defaults(func=cmd_sweep)
+
+    ex = sub.add_parser("exact", help="the exact-answer study on a Gaussian mixture (used by the pipeline)")
+    ex.add_argument("what", choices=["reference", "train", "map2d", "report"],
+                    help="reference: fixed noises + exact ODE solution; train: train and score every seed of one "
+                         "technique; map2d: the 2-D picture; report: table and figures")
+    ex.add_argument("--spec", required=True,
+                    help="the step's spec: inline JSON (what the pipeline passes) or a YAML file")
+    ex.add_argument("--reference", help="reference.pt from `scm exact reference` (train, report)")
+    ex.add_argument("--metrics", nargs="*", default=[], help="job results from `scm exact train` (report)")
+    ex.add_argument("--out", required=True, help="output file (reference, train, map2d) or results folder (report)")
+    ex.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ex.set_defaults(func=cmd_exact)
     return p
 
 
@@ -608,10 +835,12 @@ def main(argv: list[str] | None = None) -> int:
     from scm.config import ConfigError
 
     try:
+        # a run directory that is a file or unreadable: one line before the command starts
+        if getattr(args, "run_dir", None):
+            _check_run_dir("--run-dir", args.run_dir, create=args.command == "train")
         return args.func(args)
-    except ConfigError as e:
-        print(f"scm: config error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, UsageError) as e:
+        return _user_error(e)
 
 
 if __name__ == "__main__":

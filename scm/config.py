@@ -15,11 +15,48 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
 class ConfigError(ValueError):
-    """A bad configuration key or value; the message names the key and what is allowed."""
+    """A bad configuration key or value; the message names the key and what is allowed.
+
+    `key` is the dotted key at fault when there is one (the CLI uses it to name the file or --set it came from).
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+def load_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: {}); errors name `what` (e.g. '--config') and the
+    file, with the line of a syntax error."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what}: {path} not found")
+    if path.is_dir():
+        raise ConfigError(f"{what}: {path} is a directory, expected a YAML file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{what}: {path}: YAML syntax error{at}: {' '.join(problem.split())}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what}: {path}: the top level must be a mapping (key: value lines), "
+                          f"got a {type(raw).__name__}: {str(raw)[:60]!r}")
+    return raw
 
 
 def opt(default, help: str, choices=None, min=None, max=None):
@@ -39,10 +76,12 @@ class DataConfig:
     name: str = opt("shapes", "Dataset: the embedded 'shapes' set, 'gmm', 'cifar10', or an EDM2 ZIP ('zip').",
                     choices=["shapes", "gmm", "cifar10", "imagenet64", "imagenet512", "zip"])
     path: str = opt("", "Dataset location (ZIP file or folder) for real datasets; empty for embedded ones.")
-    resolution: int = opt(16, "Image side length in pixels (latent side length for latents).", min=2)
+    resolution: int = opt(16, "Image side length in pixels (latent side length for latents; 1 = a vector).", min=1)
     channels: int = opt(3, "Channels of the data (3 for RGB, 4 for SD-VAE latents).", min=1)
     label_dim: int = opt(8, "Number of classes; 0 = unconditional.", min=0)
     num_images: int = opt(2048, "Size of the embedded dataset (shapes/gmm).", min=1)
+    gmm_components: int = opt(8, "gmm: number of mixture components K (unequal weights and widths).", min=1)
+    gmm_seed: int = opt(0, "gmm: seed of the mixture's parameters (means, widths, weights).", min=0)
     shapes_version: int = opt(1, "Version of the embedded shapes renderer (scm.data.SHAPES_VERSIONS).", min=1)
     latent_mean: list = opt([], "Per-channel mean of latents (imagenet512: [1.56, -0.695, 0.483, 0.729]).")
     latent_std: list = opt([], "Per-channel std of latents (imagenet512: [5.27, 5.91, 4.21, 4.31]).")
@@ -225,11 +264,29 @@ for _size in CPU_SIZES:
              "cm.optim.lr.sct": 1e-2})))
 
 
+def preset_datasets() -> list[str]:
+    """The datasets a run can name: those with a line in PRESETS."""
+    return sorted({d for d, _ in PRESETS})
+
+
+def check_dataset(name: str, key: str) -> str:
+    """`name` if it has presets, else an error naming `key` (a config key or a CLI flag) and the valid ones."""
+    if name not in preset_datasets():
+        raise ConfigError(f"{key}: {name!r} is not a dataset with presets; choose one of {preset_datasets()}",
+                          key=key)
+    return name
+
+
 def preset_overrides(dataset: str, size: str, method: str) -> dict[str, Any]:
     """Dotted overrides that PRESETS implies for (dataset, size, method)."""
+    check_dataset(dataset, "data.name")
+    methods = _fields(RunConfig)["method"].metadata["choices"]
+    if method not in methods:
+        raise ConfigError(f"run.method: {method!r} is not allowed; choose one of {methods}", key="run.method")
     if (dataset, size) not in PRESETS:
         known = sorted({s for d, s in PRESETS if d == dataset})
-        raise ConfigError(f"no preset for dataset={dataset!r} size={size!r}; sizes for {dataset!r}: {known}")
+        raise ConfigError(f"run.size: no preset for dataset={dataset!r} size={size!r}; sizes for {dataset!r}: "
+                          f"{known}", key="run.size")
     p = PRESETS[(dataset, size)]
     cm = method != "teacher"
     P_mean, P_std = p["cm_P"] if cm else p["teacher_P"]
@@ -286,15 +343,19 @@ def _parse_value(key: str, raw: Any, typ) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {raw!r}")
         try:
             return int(float(raw)) if isinstance(raw, str) and "e" in raw.lower() else int(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: '1e999', inf
             raise ConfigError(f"{key}: expected an integer, got {raw!r}") from None
     if typ is float:
         if isinstance(raw, bool):
             raise ConfigError(f"{key}: expected a number, got {raw!r}")
         try:
-            return float(raw)
+            value = float(raw)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
+        # NaN passes every min/max comparison and inf overflows step counts: no field means either
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {raw!r}")
+        return value
     if typ is str:
         if not isinstance(raw, str):
             raise ConfigError(f"{key}: expected a string, got {raw!r}")
@@ -308,10 +369,15 @@ def _parse_value(key: str, raw: Any, typ) -> Any:
                 except json.JSONDecodeError:
                     raise ConfigError(f"{key}: expected a list like [1, 2], got {raw!r}") from None
             else:
-                raw = [s for s in text.split(",") if s.strip()]
-                raw = [float(s) if any(c in s for c in ".e") else int(s) for s in raw]
+                try:
+                    raw = [float(s) if any(c in s.lower() for c in ".e") else int(s)
+                           for s in text.split(",") if s.strip()]
+                except ValueError:
+                    raise ConfigError(f"{key}: expected a list of numbers like 1,2 or [1, 2], got {raw!r}") from None
         if not isinstance(raw, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {raw!r}")
+        if any(isinstance(v, float) and not math.isfinite(v) for v in raw):
+            raise ConfigError(f"{key}: expected finite numbers, got {raw!r}")
         return list(raw)
     raise ConfigError(f"{key}: unsupported type {typ}")  # pragma: no cover
 
@@ -328,6 +394,14 @@ def _check_range(key: str, value: Any, f: dataclasses.Field) -> None:
 
 def apply_override(cfg: Config, key: str, raw: Any) -> None:
     """Set one dotted key (e.g. 'loss.tangent_norm') on cfg, parsing and validating the value."""
+    try:
+        _apply_override(cfg, key, raw)
+    except ConfigError as e:
+        e.key = e.key or key
+        raise
+
+
+def _apply_override(cfg: Config, key: str, raw: Any) -> None:
     parts = key.split(".")
     obj = cfg
     for i, name in enumerate(parts):
@@ -377,15 +451,17 @@ def parse_set(items: list[str]) -> dict[str, str]:
 def validate(cfg: Config) -> Config:
     """Cross-field checks that single fields cannot express."""
     if cfg.run.size not in SIZES:
-        raise ConfigError(f"run.size: {cfg.run.size!r} is not a known size; choose one of {list(SIZES)}")
+        raise ConfigError(f"run.size: {cfg.run.size!r} is not a known size; choose one of {list(SIZES)}",
+                          key="run.size")
     if cfg.loss.guidance_max < cfg.loss.guidance_min:
-        raise ConfigError("loss.guidance_max must be >= loss.guidance_min")
+        raise ConfigError("loss.guidance_max must be >= loss.guidance_min", key="loss.guidance_max")
     if cfg.run.method == "scd" and cfg.loss.guidance_max > 1.0 and not cfg.network.guidance_input:
-        raise ConfigError("loss.guidance_max > 1 needs network.guidance_input=true")
+        raise ConfigError("loss.guidance_max > 1 needs network.guidance_input=true", key="loss.guidance_max")
     for key in ("channel_mult", "attn_resolutions"):
         values = getattr(cfg.network, key)
         if not values or not all(isinstance(v, int) and v > 0 for v in values):
-            raise ConfigError(f"network.{key}: expected a non-empty list of positive integers, got {values!r}")
+            raise ConfigError(f"network.{key}: expected a non-empty list of positive integers, got {values!r}",
+                              key=f"network.{key}")
     if cfg.data.resolution % (2 ** (len(cfg.network.channel_mult) - 1)):
         raise ConfigError(f"data.resolution={cfg.data.resolution} must be divisible by "
                           f"2^(len(network.channel_mult) - 1) = {2 ** (len(cfg.network.channel_mult) - 1)}")
@@ -404,13 +480,22 @@ def resolve(dataset: str = "shapes", size: str = "tS", method: str = "teacher",
     return validate(cfg)
 
 
+# The short names a run file may use for the keys that pick the preset.
+ALIASES = {"dataset": "data.name", "size": "run.size", "method": "run.method"}
+
+
+def canonical_key(key: str) -> str:
+    return ALIASES.get(key, key)
+
+
 def resolve_from_dict(d: dict[str, Any], extra: dict[str, Any] | None = None) -> Config:
-    """Resolve a config file's contents: `dataset`, `size`, `method` pick the preset; the rest are overrides."""
-    flat = flatten(d)
-    flat.update(extra or {})
-    dataset = flat.pop("data.name", flat.pop("dataset", "shapes"))
-    size = flat.pop("run.size", flat.pop("size", "tS"))
-    method = flat.pop("run.method", flat.pop("method", "teacher"))
+    """Resolve a config file's contents: `dataset`, `size`, `method` pick the preset; the rest are overrides.
+    `extra` (dotted keys) wins over `d`, whichever spelling (`method` or `run.method`) each uses."""
+    flat = {canonical_key(k): v for k, v in flatten(d).items()}
+    flat.update({canonical_key(k): v for k, v in (extra or {}).items()})
+    dataset = flat.pop("data.name", "shapes")
+    size = flat.pop("run.size", "tS")
+    method = flat.pop("run.method", "teacher")
     return resolve(str(dataset), str(size), str(method), flat)
 
 

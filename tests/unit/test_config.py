@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from scm.config import (
     PAPER_SIZES,
@@ -82,3 +83,60 @@ def test_round_trip_and_hash():
 def test_every_field_is_documented():
     for row in field_docs():
         assert row["help"], row["key"]
+
+
+@pytest.mark.parametrize("key,value", [("loss.P_std", float("nan")), ("optim.lr", float("nan")),
+                                       ("run.total_kimg", float("inf")), ("loss.P_mean", float("-inf")),
+                                       ("run.batch_size", float("inf")), ("data.latent_mean", [1.0, float("nan")])])
+def test_non_finite_values_are_rejected_on_every_path(tmp_path, key, value):
+    # YAML's .nan/.inf arrive as Python floats: study files and sweeps (resolve), run dirs (from_dict), ablations
+    from scm.study import load_ablation
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
+        resolve(overrides={key: value})
+    assert e.value.key == key
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        from_dict({**to_dict(resolve()), key.split(".")[0]: {key.split(".")[1]: value}})
+    section, name = key.split(".")
+    ablation = tmp_path / "ablation.yaml"
+    ablation.write_text(yaml.safe_dump({section: {name: value}}))  # written as .nan / .inf
+    with pytest.raises(ConfigError, match=f"{ablation}: {key}"):
+        load_ablation(ablation)
+
+
+def test_unknown_dataset_method_and_size_name_the_key_and_the_choices():
+    with pytest.raises(ConfigError, match=r"data\.name: 'imagenet' .*\['cifar10', 'gmm', 'imagenet512'") as e:
+        resolve("imagenet", "S", "teacher")
+    assert e.value.key == "data.name"
+    with pytest.raises(ConfigError, match=r"run\.method: 'sctt' is not allowed; choose one of \['teacher', 'sct', "
+                                          r"'scd'\]") as e:
+        resolve("shapes", "tS", "sctt")
+    assert e.value.key == "run.method"
+    with pytest.raises(ConfigError, match=r"run\.size: .*sizes for 'shapes': \['tL', 'tM', 'tS', 'tXL', 'tXXL'\]"):
+        resolve("shapes", "S", "teacher")
+
+
+def test_load_yaml_names_the_file_line_and_top_level(tmp_path):
+    from scm.config import load_yaml
+
+    f = tmp_path / "a.yaml"
+    f.write_text("run:\n  seed: 1\n  size: [tS\n")
+    with pytest.raises(ConfigError, match=rf"--x: {f}: YAML syntax error at line 4"):
+        load_yaml(f, "--x")
+    for text, kind in (("- 1\n- 2\n", "list"), ("word\n", "str"), ("3.5\n", "float")):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=rf"--x: {f}: the top level must be a mapping .* got a {kind}"):
+            load_yaml(f, "--x")
+    f.write_text("")
+    assert load_yaml(f, "--x") == {}
+    f.write_text("run: {seed: 3}\n")
+    assert load_yaml(f, "--x") == {"run": {"seed": 3}}
+    with pytest.raises(ConfigError, match=rf"--x: {tmp_path} is a directory"):
+        load_yaml(tmp_path, "--x")
+
+
+def test_later_layers_win_whatever_spelling_picks_the_preset():
+    # a file says run.method, an override says method (and the other way round): the override wins
+    assert resolve_from_dict({"run": {"method": "teacher"}}, {"method": "sct"}).run.method == "sct"
+    assert resolve_from_dict({"method": "teacher"}, {"run.method": "scd"}).run.method == "scd"
+    assert resolve_from_dict({"data": {"name": "gmm"}}, {"dataset": "shapes"}).data.name == "shapes"
