@@ -7,13 +7,27 @@ network at 1 or 2 consistency steps), the direction, sampler, pruner, trial budg
     OUT/journal.log         the study: JournalStorage (several processes on one filesystem), or an RDB URL
     OUT/trials/<number>/    one training run per trial (the storage numbers trials: decidable up front)
     OUT/trials.csv          study.trials_dataframe()
-    OUT/best.yaml           the best trial's params as nested config overrides (`scm train --overrides`)
+    OUT/best.yaml           the best trial's complete config overrides: dataset, size, method, the study's
+                            base overrides and the searched params (`scm train --config best.yaml`)
     OUT/figures/*.png       optimization history, parallel coordinates, importances, intermediate values
     OUT/workers/<stamp>/    submitit logs of the worker processes / jobs
 
 One coordinating process (run_sweep) prepares the study, marks trials left RUNNING by a crashed run as
 FAIL (journal files have no heartbeat), then starts the workers (run_worker: in-process, local
 subprocesses or a SLURM job array), which optimize the same study until the trial budget is spent.
+
+Crashes:
+- A journal file whose last record is torn (a crash mid-append, a full disk) is repaired when it is opened:
+  the torn record is dropped (no reader ever applied it), the original is kept as journal.log.<stamp>.bak
+  and a warning names both. A torn record that a later append was glued to loses the torn part only.
+  Anything else unreadable in a journal is a one-line error naming the file and line.
+- A storage without the study while OUT holds an earlier study's outputs (trials.csv, best.yaml, trials/),
+  e.g. an emptied or deleted journal, is refused: a new study would overwrite them. --restart (restart=True)
+  moves them aside (<name>.<stamp>.bak) and starts afresh.
+- Local and SLURM workers run run_worker in a child process (supervise_worker), so that a worker killed by
+  a signal (kill -9, the OOM killer) is reported as "worker N ... killed by SIGKILL". A trial still RUNNING
+  after every worker ended (its worker was killed) is counted in the summary ('running') and the sweep
+  ends with an error; the next run marks it FAIL and runs its params again (retry_stale).
 """
 
 from __future__ import annotations
@@ -22,8 +36,10 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -54,7 +70,16 @@ STALE_REASON = "stale after restart"
 
 
 class SweepError(RuntimeError):
-    """A sweep that could not produce its outputs (no completed trial, budget not reached)."""
+    """A sweep that could not produce its outputs (no completed trial, budget not reached, unreadable storage);
+    `summary` is run_sweep's summary when the outputs were written."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary
+
+
+class WorkerError(RuntimeError):
+    """A worker process that ended without finishing its share: killed by a signal, or failed."""
 
 
 # ----------------------------------------------------------------------------
@@ -232,7 +257,7 @@ def load_spec(path: str | Path, n_trials: int | None = None, storage: str | None
     path = Path(path)
     if not path.exists():
         raise C.ConfigError(f"--study: {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = C.load_yaml(path, "--study")
     if n_trials is not None:
         raw["n_trials"] = n_trials
     if storage:
@@ -279,13 +304,128 @@ def resolve_storage(spec: SweepSpec, out: str | Path) -> str:
     return str(Path(spec.storage or Path(out) / "journal.log").resolve())
 
 
+# Optuna's JournalFileBackend writes one JSON object per line, "op_code" first, and appends under a lock.
+RECORD_START = b'{"op_code":'
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
+def _is_torn(piece: bytes) -> bool:
+    """The start of a record cut short, or the zeros/blanks a crash leaves at the end of a file."""
+    head = piece[:len(RECORD_START)]
+    return RECORD_START.startswith(head) or not piece.strip(b"\x00 \t\r")
+
+
+def _repaired_journal(path: Path, data: bytes) -> tuple[bytes | None, list[str]]:
+    """(contents without torn records, what was dropped), or (None, []) when the journal is intact.
+
+    A torn record at the end (no newline, or undecodable) is dropped: Optuna's reader skips a last line
+    without a newline, so no process applied it, but the next append would be glued to it and make the
+    file unreadable for good (optuna.storages.journal.JournalFileBackend.read_logs). A line that is a torn
+    record with a complete one glued to it (such an append) keeps the complete record."""
+    *lines, tail = data.split(b"\n")  # tail: the bytes after the last newline (b"" when complete)
+    ok = [_is_record(line) for line in lines]
+    last_good = max((i for i, good in enumerate(ok) if good), default=-1)
+    kept, dropped = [], []
+    for i, line in enumerate(lines):
+        if ok[i]:
+            kept.append(line)
+            continue
+        # The first record start after which the rest of the line decodes (a nested dict may hold "op_code").
+        start = line.find(RECORD_START, 1)
+        while start > 0 and not _is_record(line[start:]):
+            start = line.find(RECORD_START, start + 1)
+        if start > 0 and _is_torn(line[:start]):
+            kept.append(line[start:])
+            dropped.append(f"line {i + 1}: a torn record of {start} bytes glued to the next one")
+        elif not line.strip(b"\x00 \t\r") or (i > last_good and _is_torn(line)):
+            dropped.append(f"line {i + 1}: a torn record of {len(line)} bytes")
+        else:
+            raise SweepError(f"{path}: line {i + 1} is not an Optuna journal record ({line[:60]!r}); repair or "
+                             "move the file by hand")
+    if tail:
+        if not _is_torn(tail):
+            raise SweepError(f"{path}: the last line is not an Optuna journal record ({tail[:60]!r}); repair or "
+                             "move the file by hand")
+        dropped.append(f"line {len(lines) + 1}: a torn record of {len(tail)} bytes (no newline)")
+    if not dropped:
+        return None, []
+    return b"".join(line + b"\n" for line in kept), dropped
+
+
+def _aside(path: Path, stamp: str) -> Path:
+    """PATH.<stamp>.bak, or PATH.<stamp>-<k>.bak when that exists."""
+    target, k = path.with_name(f"{path.name}.{stamp}.bak"), 1
+    while target.exists():
+        target, k = path.with_name(f"{path.name}.{stamp}-{k}.bak"), k + 1
+    return target
+
+
+def repair_journal(path: str | Path) -> list[str]:
+    """Drop torn records from a journal file (see _repaired_journal), keeping the original as
+    PATH.<stamp>.bak; returns what was dropped. SweepError (naming the file) when it cannot be read."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    path = Path(path)
+    try:
+        repaired, _ = _repaired_journal(path, path.read_bytes())
+        if repaired is None:
+            return []
+        # Under the lock that JournalFileBackend appends under (its default): no append is half done.
+        lock = JournalFileSymlinkLock(str(path))
+        lock.acquire()
+        try:
+            data = path.read_bytes()
+            repaired, dropped = _repaired_journal(path, data)
+            if repaired is None:
+                return []
+            backup = _aside(path, time.strftime("%Y%m%d-%H%M%S"))
+            shutil.copy2(path, backup)
+            if data.startswith(repaired):  # in place: readers' offsets of the records before stay valid
+                os.truncate(path, len(repaired))
+            else:
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(repaired)
+                shutil.copymode(path, tmp)
+                os.replace(tmp, path)
+        finally:
+            lock.release()
+    except OSError as e:
+        raise SweepError(f"{path}: cannot read or repair the journal: {e.strerror or e}") from None
+    log.warning("%s: repaired the journal (a crash mid-append or a full disk): dropped %s; the original is "
+                "kept as %s", path, "; ".join(dropped), backup)
+    return dropped
+
+
+def open_journal(path: str | Path):
+    """JournalStorage on a journal file (created when missing), torn records repaired first."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_file():
+        raise SweepError(f"{path}: the journal is not a file")
+    if path.exists():
+        repair_journal(path)
+    try:
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as e:
+        raise SweepError(f"{path}: cannot open the journal: {e.strerror or e}") from None
+    except Exception as e:  # Optuna replays every record here: a record it cannot apply
+        raise SweepError(f"{path}: not a readable Optuna journal ({type(e).__name__}: {e}); repair or move the "
+                         "file by hand") from None
+
+
 def make_storage(storage: str, spec: SweepSpec):
     """JournalStorage on a file, or RDBStorage with heartbeats (killed workers' trials fail and are retried)."""
     if not is_url(storage):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        Path(storage).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(storage))
+        return open_journal(storage)
     if storage.startswith("sqlite"):
         log.warning("SQLite is not safe for several workers or network filesystems: use a journal file or "
                     "PostgreSQL/MySQL")
@@ -379,7 +519,9 @@ class TrainingObjective:
         absolute = lambda p: str(Path(p).resolve()) if p else p
         o = spec.objective
         if not o.extractor_weights and (o.extractor or M.default_extractor(spec.base.dataset)) == M.SHAPES_EXTRACTOR:
-            o = dataclasses.replace(o, extractor_weights=M.DEFAULT_SHAPES_EXTRACTOR_PATH)
+            # the extractor of the base run's renderer version (the pipeline's artifact path)
+            o = dataclasses.replace(o, extractor_weights=str(M.shapes_extractor_path(
+                base_config(spec).data.shapes_version)))
         spec = dataclasses.replace(spec, objective=dataclasses.replace(
             o, cache_dir=absolute(o.cache_dir), extractor_weights=absolute(o.extractor_weights)),
             base=dataclasses.replace(spec.base, teacher_run_dir=absolute(spec.base.teacher_run_dir)))
@@ -395,7 +537,8 @@ class TrainingObjective:
         if self._ref is None:
             o = self.spec.objective
             self._ref = M.make_reference(cfg.data.name, E.real_images(cfg.data), o.extractor,
-                                         o.extractor_weights, o.cache_dir)
+                                         o.extractor_weights, o.cache_dir,
+                                         shapes_version=cfg.data.shapes_version if cfg.data.name == "shapes" else None)
         return self._ref
 
     def prepare(self) -> None:
@@ -406,7 +549,7 @@ class TrainingObjective:
         from scm.train import load_final
 
         cfg = base_config(self.spec)
-        if cfg.run.method == "scd":
+        if cfg.run.method == "scd" and not cfg.run.teacher_run_dir.startswith("exact:"):
             load_final(Path(cfg.run.teacher_run_dir), "ema")  # raises TeacherNotReadyError with a hint
         M.reference_stats(self.reference(cfg), str(E.resolve_device(cfg.run.device)))
 
@@ -426,6 +569,7 @@ class TrainingObjective:
         cfg = base_config(self.spec, suggest(trial, self.spec.space))
         run_dir = trial_dir(self.out, trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("config_hash", C.config_hash(cfg))  # best.yaml checks that it reproduces it
         # Trial numbers are unique in a study: a directory already there is from a study started afresh.
         if run_dir.exists():
             log.warning("removing %s left by an earlier study", run_dir)
@@ -503,8 +647,9 @@ def _exit_with(pid: int, poll_s: float = 1.0) -> None:
 
 def run_worker(spec: SweepSpec, storage: str, objective: Callable[[optuna.Trial], float], worker: int = 0,
                coordinator_pid: int | None = None) -> list[int]:
-    """One worker (the entry point of every launcher): load the study and optimize it until the budget is
-    spent. Diverged or infeasible trials fail and the worker goes on. Returns the trial numbers it ran."""
+    """One worker (in the coordinator's process for the debug launcher, else in supervise_worker's child):
+    load the study and optimize it until the budget is spent. Diverged or infeasible trials fail and the
+    worker goes on. Returns the trial numbers it ran."""
     import torch
 
     from scm.train import DivergedError
@@ -524,14 +669,113 @@ def run_worker(spec: SweepSpec, storage: str, objective: Callable[[optuna.Trial]
     return ran
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """A supervised worker ends with its supervisor (killed: the child is handed to another parent)."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.error("supervisor %d is gone: worker %d exits", parent, os.getpid())
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="supervisor-watch").start()
+
+
+def _supervised(conn, spec: SweepSpec, storage: str, objective: bytes, worker: int,
+                coordinator_pid: int | None) -> None:
+    """The child of supervise_worker: run_worker, its result or error sent back through `conn`."""
+    import pickle
+
+    _exit_with_parent()
+    try:
+        ran = run_worker(spec, storage, pickle.loads(objective), worker, coordinator_pid)
+    except BaseException as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        raise
+    conn.send(("ok", ran))
+
+
+def supervise_worker(spec: SweepSpec, storage: str, objective: bytes, worker: int = 0,
+                     coordinator_pid: int | None = None) -> list[int]:
+    """The entry point of local and SLURM workers: run_worker in a child process, so that a worker killed by
+    a signal (kill -9, the OOM killer) is reported as such (only a parent learns the signal; submitit's
+    local jobs run under a controller process that drops it). `objective` comes pickled (cloudpickle) and
+    is unpickled in the child only: the supervisor stays small (no torch). Raises WorkerError."""
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or signal handlers
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_supervised, args=(send, spec, storage, objective, worker, coordinator_pid),
+                        name=f"sweep-worker-{worker}")
+    child.start()
+    send.close()
+    try:
+        child.join()
+    finally:
+        if child.is_alive():  # the supervisor was interrupted (a cancelled job): stop the worker too
+            child.terminate()
+            child.join(30)
+    try:
+        message = receive.recv() if receive.poll() else None
+    except EOFError:  # the child ended without a word
+        message = None
+    where = f"worker {worker} (pid {child.pid} on {socket.gethostname()})"
+    if child.exitcode is not None and child.exitcode < 0:
+        raise WorkerError(f"{where} killed by {signal.Signals(-child.exitcode).name}")
+    if message is None or message[0] != "ok" or child.exitcode != 0:
+        raise WorkerError(f"{where} failed: {message[1] if message else f'exit code {child.exitcode}'}")
+    return message[1]
+
+
+def _worker_error(worker: int, job, error: Exception) -> str:
+    """One line for a worker job that raised or ended without a result: the WorkerError's words (killed by
+    which signal) or the job's last exception, else its scheduler state; never a line of its log."""
+    import submitit
+
+    text = str(error)
+    if isinstance(error, submitit.core.utils.FailedJobError):
+        # submitit: "... with trace:\n-----\n<traceback>\n-----\nYou can check full logs ..."
+        trace = text.split("-" * 22)[1] if text.count("-" * 22) >= 2 else text
+        last = trace.strip().splitlines()[-1] if trace.strip() else "failed"
+        if last.startswith(f"{WorkerError.__module__}.WorkerError: "):
+            return f"{last.split(': ', 1)[1]} (job {job.job_id}, log {job.paths.stderr})"
+        return f"worker {worker} (job {job.job_id}) failed: {last} (log {job.paths.stderr})"
+    return f"worker {worker} (job {job.job_id}) ended without a result, state {job.state} (log {job.paths.stderr})"
+
+
 # ----------------------------------------------------------------------------
 # The coordinator.
 
 
+EARLIER_OUTPUTS = ("trials.csv", "best.yaml", "trials")  # what a study leaves in OUT
+MOVED_ON_RESTART = EARLIER_OUTPUTS + ("figures",)       # and its default figures folder
+
+
+def _move_aside(paths: list[Path], stamp: str) -> None:
+    for p in paths:
+        if p.exists():
+            os.replace(p, _aside(p, stamp))
+
+
 def open_study(spec: SweepSpec, storage: str, restart: bool = False, out: str | Path | None = None) -> optuna.Study:
-    """Create the study or load it; a study declared differently (space, base, objective, direction) is an
-    error, unless restart (a journal file holding only this study) moves the journal and OUT/trials aside."""
+    """Create the study or load it. A study declared differently (space, base, objective, direction) is an
+    error, and so is a storage without the study while OUT holds an earlier study's outputs (an emptied or
+    deleted journal: a new study would overwrite them); restart moves the old journal (a file holding only
+    this study) and the outputs aside and starts afresh."""
     backend = make_storage(storage, spec)
+    if out is None and not is_url(storage):
+        out = Path(storage).parent
+    out = Path(out) if out is not None else None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if spec.name not in optuna.get_all_study_names(backend) and out is not None:
+        earlier = [out / name for name in EARLIER_OUTPUTS if (out / name).exists()]
+        if earlier and not restart:
+            raise SweepError(f"{storage} holds no study {spec.name!r}, but {out} holds the outputs of an earlier "
+                             f"one ({', '.join(p.name for p in earlier)}): was the journal emptied or deleted? "
+                             "Start afresh with --restart (moves them aside) or use another --out")
+        if earlier:
+            log.warning("%s holds no study %r: moving the earlier outputs in %s aside (.%s.bak)", storage, spec.name,
+                        out, stamp)
+            _move_aside([out / name for name in MOVED_ON_RESTART], stamp)
     study = optuna.create_study(study_name=spec.name, storage=backend, direction=spec.direction,
                                 load_if_exists=True)
     old = study.user_attrs.get("spec")
@@ -543,13 +787,9 @@ def open_study(spec: SweepSpec, storage: str, restart: bool = False, out: str | 
         if is_url(storage) or optuna.get_all_study_names(backend) != [spec.name]:
             raise C.ConfigError(f"--restart: {storage} holds other studies too; rename this study (name:) "
                                 "or delete it by hand")
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        log.warning("study changed (%s): moving %s and its trials aside (.%s)", diff, storage, stamp)
-        os.replace(storage, f"{storage}.{stamp}.bak")
-        trials = Path(out or Path(storage).parent) / "trials"
-        if trials.exists():
-            os.replace(trials, trials.with_name(f"trials.{stamp}.bak"))
-        return open_study(spec, storage)
+        log.warning("study changed (%s): moving %s and its outputs aside (.%s.bak)", diff, storage, stamp)
+        _move_aside([Path(storage)] + [out / name for name in MOVED_ON_RESTART], stamp)
+        return open_study(spec, storage, out=out)
     if old is None:
         study.set_user_attr("spec", spec.identity())
     return study
@@ -599,6 +839,7 @@ def _launch(spec: SweepSpec, storage: str, objective, n: int, launcher: str, pro
             log.info("debug launcher: one worker in this process (instead of %d)", n)
         run_worker(spec, storage, objective, 0)
         return []
+    import cloudpickle
     import submitit
 
     # One task per worker (a profile's DDP tasks would each optimize the study); local: no short limit.
@@ -609,18 +850,18 @@ def _launch(spec: SweepSpec, storage: str, objective, n: int, launcher: str, pro
     if launcher == "slurm":
         ex.update_parameters(array_parallelism=n)
     pid = os.getpid() if launcher == "local" else None
-    jobs = ex.map_array(run_worker, [spec] * n, [storage] * n, [objective] * n, list(range(n)), [pid] * n)
+    pickled = cloudpickle.dumps(objective)  # unpickled by the supervised child only (supervise_worker)
+    jobs = ex.map_array(supervise_worker, [spec] * n, [storage] * n, [pickled] * n, list(range(n)), [pid] * n)
     tmp = out / f".workers.json.{os.getpid()}"
     tmp.write_text(json.dumps({"launcher": launcher, "folder": str(folder), "job_ids": [j.job_id for j in jobs]}))
     os.replace(tmp, out / "workers.json")
     log.info("%d %s workers: %s (logs in %s)", n, launcher, [j.job_id for j in jobs], folder)
     errors = []
-    for job in jobs:
+    for worker, job in enumerate(jobs):
         try:
             job.result()
         except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
-            errors.append(f"worker job {job.job_id}: {str(e).strip().splitlines()[-1] if str(e) else e} "
-                          f"(log {job.paths.stderr})")
+            errors.append(_worker_error(worker, job, e))
             log.error("%s", errors[-1])
     return errors
 
@@ -659,12 +900,18 @@ def run_sweep(spec: SweepSpec, out: str | Path, workers: int = 1, launcher: str 
     study = optuna.load_study(study_name=spec.name, storage=make_storage(storage, spec))
     summary = write_outputs(study, spec, out, Path(figures or spec.figures or out / "figures"))
     summary.update({"storage": storage, "seconds": round(time.time() - t0, 2), "worker_errors": errors})
+    details = "".join(f"\n{e}" for e in errors)
     if summary["complete"] == 0:
         raise SweepError(f"study {spec.name!r}: no trial completed ({summary['pruned']} pruned, "
-                         f"{summary['fail']} failed); see {summary['trials_csv']}" + "".join(f"\n{e}" for e in errors))
+                         f"{summary['fail']} failed); see {summary['trials_csv']}" + details, summary)
+    # Every worker of this run ended: a trial still RUNNING lost its worker (the budget counted it).
+    left = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    if left and n > 0:
+        raise SweepError(f"study {spec.name!r}: trials {left} left RUNNING by a killed worker, so the budget of "
+                         f"{spec.n_trials} is not met; run the same command again to retry them" + details, summary)
     if budget.remaining(study) > 0:
         raise SweepError(f"study {spec.name!r}: {budget.remaining(study)} trials of {spec.n_trials} still to "
-                         "run (run the same command again to continue)" + "".join(f"\n{e}" for e in errors))
+                         "run (run the same command again to continue)" + details, summary)
     return summary
 
 
@@ -691,16 +938,36 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def best_overrides(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """Every override a trial trained with (dotted keys): the base run's dataset, size and method (and
+    teacher, absolute as TrainingObjective passes it), the study's base overrides, then the trial's params.
+    C.resolve_from_dict of them is base_config(spec, params): the trial's run config."""
+    b = spec.base
+    teacher = {"run.teacher_run_dir": str(Path(b.teacher_run_dir).resolve())} if b.method == "scd" else {}
+    return {"data.name": b.dataset, "run.size": b.size, "run.method": b.method, **b.overrides, **teacher,
+            **params}
+
+
 def write_best_yaml(study: optuna.Study, spec: SweepSpec, path: str | Path) -> Path:
-    """The best trial's params as nested config overrides, with value and trial number in a header."""
+    """The best trial's complete config as nested overrides (best_overrides), so that `scm train --config
+    THIS_FILE` trains exactly the trial's config; trial, value and config hash in a header."""
     best, path = study.best_trial, Path(path)
+    overrides = best_overrides(spec, best.params)
+    cfg_hash = C.config_hash(C.resolve_from_dict(nest(overrides)))
+    if best.user_attrs.get("config_hash", cfg_hash) != cfg_hash:  # recorded by TrainingObjective
+        log.warning("%s: trial %d ran config %s, its overrides now resolve to %s (presets changed since?)",
+                    path, best.number, best.user_attrs["config_hash"], cfg_hash)
     counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    header = [f"# Best trial of sweep study '{spec.name}' (scm sweep): use with scm train --overrides THIS_FILE",
+    header = [f"# Best trial of sweep study '{spec.name}' (scm sweep): every config override it trained with",
+              "# (dataset, size, method, the study's base overrides, and the searched params "
+              f"{', '.join(best.params)}).",
+              f"# Train it again: scm train --config THIS_FILE --run-dir DIR (config hash {cfg_hash}); as",
+              "# --overrides THIS_FILE, use a --config that sets only the same dataset, size and method.",
               f"# trial {best.number}: FID at {spec.objective.steps} step(s) = {best.value:.6g} ({spec.direction})",
               f"# base run: {spec.base.dataset} {spec.base.size} {spec.base.method}; trials: "
               + ", ".join(f"{v} {k}" for k, v in counts.items())]
-    _atomic_write(path, "\n".join(header) + "\n" + yaml.safe_dump(nest(best.params), sort_keys=True))
+    _atomic_write(path, "\n".join(header) + "\n" + yaml.safe_dump(nest(overrides), sort_keys=True))
     return path
 
 
@@ -743,9 +1010,11 @@ def write_outputs(study: optuna.Study, spec: SweepSpec, out: Path, figures: Path
     df = study.trials_dataframe()
     _atomic_write(out / "trials.csv", df.to_csv(index=False))
     count = lambda s: len(study.get_trials(deepcopy=False, states=(s,)))
+    # running: left RUNNING by a killed worker once every worker ended; waiting: retries not yet run.
     summary = {"study": spec.name, "n_trials": spec.n_trials, "trials": len(study.trials),
                "complete": count(TrialState.COMPLETE), "pruned": count(TrialState.PRUNED),
-               "fail": count(TrialState.FAIL), "trials_csv": str(out / "trials.csv"), "best_yaml": None,
+               "fail": count(TrialState.FAIL), "running": count(TrialState.RUNNING),
+               "waiting": count(TrialState.WAITING), "trials_csv": str(out / "trials.csv"), "best_yaml": None,
                "best_trial": None, "best_value": None, "best_params": None, "figures": []}
     if summary["complete"]:
         best = study.best_trial

@@ -1,12 +1,14 @@
 """A real sweep end to end: the `scm sweep` command, two local workers, the training objective (tiny runs)."""
 
+import json
+
 import pandas as pd
 import pytest
 import yaml
 
 from scm import config as C
 from scm import metrics as M
-from scm.cli import main
+from scm.cli import load_config, main
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +46,11 @@ def test_two_workers_real_objective_write_trials_csv_and_best_yaml(tmp_path, qui
         run = out / "trials" / str(number)
         assert (run / "final.pt").exists() and '"completed"' in (run / "status.json").read_text()
         assert len((run / "stats.jsonl").read_text().splitlines()) == 2  # 20 steps, a line every 10
-    best = yaml.safe_load((out / "best.yaml").read_text())
-    cfg = C.resolve("shapes", "tS", "sct", C.flatten(best))  # the pipeline's final run takes these overrides
+    # best.yaml is the best trial's whole config: `scm train --config best.yaml` trains its run config again.
+    best_run = out / "trials" / str(df.loc[df["value"].idxmin(), "number"])
+    run_cfg = C.from_dict(json.loads((best_run / "config.json").read_text()))
+    cfg = load_config(str(out / "best.yaml"), [], [])
+    assert C.config_hash(cfg) == C.config_hash(run_cfg) and cfg.network.model_channels == 8
     assert cfg.optim.lr == pytest.approx(df.loc[df["value"].idxmin(), "params_optim.lr"])
     assert (out / "figures" / "history.png").exists()
     # Running the command again finds the budget spent: no new trial.
