@@ -16,10 +16,17 @@ metrics.json (write_metrics) is a JSON list with one flat entry per --steps valu
     steps, sampler, solver, guidance, nfe        sampling ('consistency' steps or a teacher solver)
     effective_compute                            params (billions) x NFE (method.md §7, Figure 1's x)
     num_samples, seed_sets, seeds                samples per set, number of sets, "A-B" per set
-    fid, fid_min, fid_mean, fid_sd               FID per seed set; min (the paper's report), mean, sd
+    fid, fid_min, fid_max, fid_mean, fid_sd      FID per seed set; min (the paper's report), max, mean, sd
+    class_accuracy, class_accuracy_min/_max/_mean/_sd
+                                                 conditional shapes runs: per seed set, the fraction of samples
+                                                 the shapes extractor's classifier assigns to the label they were
+                                                 conditioned on (chance 1/8); null otherwise
+    fjd, fjd_min/_max/_mean/_sd                  conditional shapes runs: Fréchet joint distance of (features,
+                                                 label) (DeVries et al. 2019): FID that also sees wrong classes
     kid, kid_sd, precision, recall               means over seed sets (null where unavailable)
-    fd_dinov2, fd_dinov2_min/_mean/_sd           only with a DINOv2 model file
-    feature_extractor, extractor_fingerprint, extractor_accuracy (shapes), ref_stats, ref_stats_path
+    fd_dinov2, fd_dinov2_min/_max/_mean/_sd      only with a DINOv2 model file
+    feature_extractor, extractor_fingerprint, extractor_accuracy, extractor_shapes_version (shapes),
+    ref_stats, ref_stats_path
     sample_seconds, metric_seconds, device, torch
 """
 
@@ -93,6 +100,12 @@ def seed_inputs(seeds: list[int], shape: tuple[int, ...], label_dim: int, extra_
         for e in extras:
             e.append(torch.randn(shape, generator=g))
     return (torch.stack(noise), torch.stack(labels) if labels else None, [torch.stack(e) for e in extras])
+
+
+def seed_labels(cfg, seeds: list[int]) -> torch.Tensor | None:
+    """The class each seed's sample is conditioned on (as generate draws it); None for unconditional runs."""
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    return seed_inputs(seeds, shape, cfg.data.label_dim)[1]
 
 
 # ----------------------------------------------------------------------------
@@ -246,22 +259,26 @@ def sample_run(run_dir, steps: int, seeds: list[int], out_dir, batch: int = 64, 
 # Evaluation.
 
 
-def real_images(data_cfg) -> torch.Tensor | None:
-    """The run's training images as uint8 (N, 3, H, W); None for data without images (latents, GMM)."""
+def real_images(data_cfg, with_labels: bool = False):
+    """The run's training images as uint8 (N, 3, H, W); None for data without images (latents, GMM).
+    with_labels: (images, labels) with labels int64 (N,) where the dataset has classes, else None."""
     from scm.data import Cifar10Dataset, ZipDataset, generate_shapes
 
-    name = data_cfg.name
+    name, images, labels = data_cfg.name, None, None
     if name == "shapes":  # exactly the set build_dataset trains on (seed 0)
-        return torch.from_numpy(generate_shapes(data_cfg.num_images, data_cfg.resolution,
-                                                 version=data_cfg.shapes_version)[0])
-    if name == "cifar10":
-        return Cifar10Dataset(data_cfg.path).data
-    if name in ("zip", "imagenet64"):
+        images, labels = (torch.from_numpy(a) for a in generate_shapes(
+            data_cfg.num_images, data_cfg.resolution, version=data_cfg.shapes_version))
+    elif name == "cifar10":
+        ds = Cifar10Dataset(data_cfg.path)
+        images, labels = ds.data, ds.labels
+    elif name in ("zip", "imagenet64"):
         ds = ZipDataset(data_cfg.path)
         if not ds.latents:
             # get() maps u8 -> u / 127.5 - 1 in float32: the inverse below is exact.
-            return torch.stack([((ds.get(i)[0] + 1) * 127.5).round().to(torch.uint8) for i in range(len(ds))])
-    return None
+            images = torch.stack([((ds.get(i)[0] + 1) * 127.5).round().to(torch.uint8) for i in range(len(ds))])
+    if data_cfg.label_dim == 0:
+        labels = None
+    return (images, labels) if with_labels else images
 
 
 def _entry_base(run_dir: Path, cfg, spec: SamplerSpec, nfe: int) -> dict:
@@ -286,8 +303,10 @@ def evaluate_run(run_dir, steps: list[int], num: int = 1024, seed_sets: int = 1,
     device = resolve_device(device)
     net, cfg = load_final(run_dir, "ema", device)
     vae = load_vae(vae_path, device) if cfg.data.channels == 4 else None
-    images = None if ref_stats else real_images(cfg.data)
-    ref = M.make_reference(cfg.data.name, images, extractor, extractor_weights, cache_dir, ref_stats)
+    images, real_labels = (None, None) if ref_stats else real_images(cfg.data, with_labels=True)
+    version = cfg.data.shapes_version if cfg.data.name == "shapes" else None
+    ref = M.make_reference(cfg.data.name, images, extractor, extractor_weights, cache_dir, ref_stats,
+                           labels=real_labels, shapes_version=version)
     ref_path = M.reference_stats(ref, str(device))[2]
     dino = (M.make_reference(cfg.data.name, images, M.DINOV2_EXTRACTOR, dinov2, cache_dir, ref_stats)
             if dinov2 else None)
@@ -300,20 +319,23 @@ def evaluate_run(run_dir, steps: list[int], num: int = 1024, seed_sets: int = 1,
             t0 = time.time()
             gen, nfe = generate(net, cfg, seeds, s, batch, solver, guidance, device, vae)
             t1 = time.time()
-            m = M.compute_metrics(gen, ref, kid, prc, str(device), kid_subsets=kid_subsets)
+            m = M.compute_metrics(gen, ref, kid, prc, str(device), kid_subsets=kid_subsets,
+                                  labels=seed_labels(cfg, seeds))
             if dino is not None:
                 m["fd_dinov2"] = M.compute_metrics(gen, dino, False, False, str(device))["fid"]
             t_sample, t_metric = t_sample + t1 - t0, t_metric + time.time() - t1
             per_set.append(m)
-            log.info("%s steps=%d seeds %s: FID %.4f", run_dir.name, s, format_seeds(seeds), m["fid"])
+            log.info("%s steps=%d seeds %s: FID %.4f, class accuracy %s", run_dir.name, s, format_seeds(seeds),
+                     m["fid"], m["class_accuracy"])
         entry = _entry_base(run_dir, cfg, spec, nfe)
         entry.update({"num_samples": num, "seed_sets": seed_sets, "seeds": [format_seeds(x) for x in sets]})
-        keys = ["fid"] + (["fd_dinov2"] if dino is not None else [])
+        # Per seed set and min/max/mean/sd over sets; class-aware metrics only where they exist (else null).
+        keys = ["fid", "class_accuracy", "fjd"] + (["fd_dinov2"] if dino is not None else [])
         for key in keys:
             vals = [m[key] for m in per_set]
             stats = M.summarize(vals)
-            entry.update({key: vals, f"{key}_min": stats["min"], f"{key}_mean": stats["mean"],
-                          f"{key}_sd": stats["sd"]})
+            entry.update({key: vals if stats["mean"] is not None else None,
+                          **{f"{key}_{k}": stats[k] for k in ("min", "max", "mean", "sd")}})
         for key in ("kid", "kid_sd", "precision", "recall"):
             entry[key] = M.summarize([m[key] for m in per_set])["mean"]
         entry.update(M.extractor_info(ref.extractor, ref.weights_path))

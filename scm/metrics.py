@@ -3,11 +3,15 @@
 - Every metric goes through `torch_fidelity.calculate_metrics`, generated images fed as a Dataset of
   uint8 CHW tensors (GenerativeModelModuleWrapper with classes crashes on numpy >= 1.24; stack-notes).
 - Feature extractors: torch-fidelity's 'inception-v3-compat' (real datasets, weights from a local file),
-  the project's own small CNN for the embedded 'shapes' set ('scm-shapes-v1', trained deterministically
-  on first use) and EDM2's FD_DINOv2 preprocessing around a local DINOv2 file ('scm-dinov2-edm2').
-- Reference statistics are named `{dataset}-{extractor}-{hash12}` where the hash covers the real images'
-  bytes and the extractor's weights (torch-fidelity's own cache keys ignore content): mu/sigma (float64)
-  go to `{name}.npz` (EDM's format) and torch-fidelity caches the real features under the same name.
+  the project's own small CNN for the embedded 'shapes' set ('scm-shapes-v2': class, reconstruction and
+  colour/background statistics; one per renderer version, trained deterministically on first use) and
+  EDM2's FD_DINOv2 preprocessing around a local DINOv2 file ('scm-dinov2-edm2').
+- Class-aware metrics of conditional samples (shapes): class accuracy (the extractor's classifier) and the
+  Fréchet joint distance of (features, label) (DeVries et al. 2019). Calibration: scm.calibration.
+- Reference statistics are named `{dataset}[-data{shapes version}]-{extractor}-{hash12}` where the hash
+  covers the real images' bytes and the extractor's weights (torch-fidelity's own cache keys ignore
+  content): mu/sigma (float64) go to `{name}.npz` (EDM's format) and torch-fidelity caches the real
+  features under the same name.
 - Nothing here downloads except fetch_inception_weights / fetch_dinov2_weights (`scm data fetch-weights`).
 """
 
@@ -34,13 +38,13 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 log = logging.getLogger(__name__)
 
-SHAPES_EXTRACTOR = "scm-shapes-v1"
+SHAPES_EXTRACTOR_VERSION = 2  # 1: a classifier only; 2: class + reconstruction (sees colour and background)
+SHAPES_EXTRACTOR = f"scm-shapes-v{SHAPES_EXTRACTOR_VERSION}"
 DINOV2_EXTRACTOR = "scm-dinov2-edm2"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
-DEFAULT_SHAPES_EXTRACTOR_PATH = "results/artifacts/shapes-features-v1.pt"
+DEFAULT_SHAPES_EXTRACTOR_PATH = f"results/artifacts/shapes-features-v{SHAPES_EXTRACTOR_VERSION}-data1.pt"
 DEFAULT_CACHE_DIR = "results/cache/ref-stats"
 REF_STATS_VERSION = 1  # bump when the naming or the statistics change meaning
-SHAPES_EXTRACTOR_VERSION = 1
 
 
 class WeightsMissingError(FileNotFoundError):
@@ -166,28 +170,62 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------
-# The 'shapes' feature network: a small CNN classifier trained by the project on the embedded set
-# (fixed seed, one thread, fixed steps; ~25 s on one core). Features = the 128-d average-pooled
-# activations before the classifier, as Inception's pool3 before its logits.
+# The 'shapes' feature network (extractor version 2): a small CNN trained by the project on the embedded set
+# to see everything that makes an image, not only its class. One code z (a linear map of the last 4x4
+# feature map, so that position survives) feeds two heads: the class (cross-entropy) and a decoder that
+# redraws the whole image from z (mean squared error). A classifier alone is invariant to colour, background
+# and texture (version 1 scored blobs in the right colours near real images); the reconstruction term makes
+# z encode colour, geometry and background, the class term keeps the classes apart in z. FID features = z
+# scaled so that real features have unit RMS (an Inception-like scale). One network per renderer version
+# (data.shapes_version): trained on that version's images, named after both versions.
+
+
+NUM_IMAGE_STATISTICS = 18
 
 
 class ShapesFeatureNet(torch.nn.Module):
-    def __init__(self, channels=(32, 64, 128), num_classes: int = 8):
+    def __init__(self, channels=(32, 64, 128), code_dim: int = 128, num_classes: int = 8, resolution: int = 16,
+                 stats_weight: float = 2.0):
         super().__init__()
         c1, c2, c3 = channels
+        r4 = resolution // 4
         conv = lambda a, b: torch.nn.Conv2d(a, b, 3, padding=1)
         self.body = torch.nn.Sequential(
             conv(3, c1), torch.nn.ReLU(), conv(c1, c1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
             conv(c1, c2), torch.nn.ReLU(), torch.nn.MaxPool2d(2), conv(c2, c3), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-        self.head = torch.nn.Linear(c3, num_classes)
-        # Set after training so that real features have unit RMS (FID/KID on an Inception-like scale).
+            torch.nn.Flatten(), torch.nn.Linear(c3 * r4 * r4, code_dim))
+        self.head = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(code_dim, num_classes))
+        self.stats_head = torch.nn.Linear(code_dim, NUM_IMAGE_STATISTICS)
+        self.decoder = torch.nn.Sequential(
+            torch.nn.Linear(code_dim, c2 * r4 * r4), torch.nn.Unflatten(1, (c2, r4, r4)), torch.nn.ReLU(),
+            torch.nn.Upsample(scale_factor=2), conv(c2, c1), torch.nn.ReLU(),
+            torch.nn.Upsample(scale_factor=2), conv(c1, 3))
+        # Set after training so that the real codes have unit RMS; the statistics (standardized targets)
+        # enter with weight stats_weight each.
         self.register_buffer("feature_scale", torch.ones(()))
+        self.register_buffer("stats_weight", torch.tensor(float(stats_weight)))
+        self.feature_dim = code_dim + NUM_IMAGE_STATISTICS
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x in [-1, 1] (B, 3, H, W) -> (features (B, c3) scaled by feature_scale, logits (B, classes))."""
-        f = self.body(x)
-        return f * self.feature_scale, self.head(f)
+        """x in [-1, 1] (B, 3, H, W) -> (features (B, code_dim + 18), logits (B, classes)). Features: the code
+        (unit RMS on real images) and the 18 image statistics read from it, so that colour and background
+        weigh in FID as much as what dominates the code's variance (the class)."""
+        z = self.body(x)
+        f = torch.cat([z * self.feature_scale, self.stats_weight * self.stats_head(z)], 1)
+        return f, self.head(z)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.body(x))
+
+
+def image_statistics(x: torch.Tensor) -> torch.Tensor:
+    """(B, 18) colour and background targets that are functions of the image x (B, 3, H, W): per channel the
+    mean, sd, min and max (the two colours: shape and background) and the mean difference right - left and
+    bottom - top halves (the background gradient)."""
+    h, w = x.shape[2] // 2, x.shape[3] // 2
+    lr = x[..., w:].mean((2, 3)) - x[..., :w].mean((2, 3))
+    tb = x[:, :, h:].mean((2, 3)) - x[:, :, :h].mean((2, 3))
+    return torch.cat([x.mean((2, 3)), x.std((2, 3)), x.amin((2, 3)), x.amax((2, 3)), lr, tb], 1)
 
 
 @contextlib.contextmanager
@@ -203,44 +241,65 @@ def _one_thread_seeded(seed: int):
         torch.set_num_threads(threads)
 
 
-def train_shapes_extractor(path=DEFAULT_SHAPES_EXTRACTOR_PATH, steps: int = 500, batch: int = 128,
-                           lr: float = 3e-3, seed: int = 0, train_images: int = 8192,
-                           test_images: int = 2048, resolution: int = 16) -> dict:
-    """Train the shapes classifier and save {version, state_dict, meta} atomically; returns meta
-    (test accuracy on a held-out set drawn with another seed, settings, torch version, seconds)."""
+def shapes_extractor_path(shapes_version: int = 1, root="results/artifacts") -> Path:
+    """Where the extractor for renderer version `shapes_version` lives by default."""
+    return Path(root) / f"shapes-features-v{SHAPES_EXTRACTOR_VERSION}-data{shapes_version}.pt"
+
+
+def train_shapes_extractor(path=None, shapes_version: int = 1, steps: int = 500, batch: int = 128,
+                           lr: float = 3e-3, seed: int = 0, train_images: int = 8192, test_images: int = 2048,
+                           resolution: int = 16, recon_weight: float = 10.0, stats_weight: float = 1.0,
+                           label_smoothing: float = 0.1) -> dict:
+    """Train the shapes feature network on renderer version `shapes_version` and save {version, state_dict,
+    meta} atomically to `path` (default shapes_extractor_path(shapes_version)); returns meta (held-out class
+    accuracy and reconstruction RMSE on a set drawn with another seed, settings, torch version, seconds)."""
     from scm.data import SHAPE_CLASSES, generate_shapes
 
     t0 = time.time()
+    path = Path(path or shapes_extractor_path(shapes_version))
     # Train and test sets with their own seeds (runs train on seed 0: none of these images).
-    xtr, ytr = (torch.from_numpy(a) for a in generate_shapes(train_images, resolution, seed=1001))
-    xte, yte = (torch.from_numpy(a) for a in generate_shapes(test_images, resolution, seed=1002))
-    xtr = xtr.float() / 127.5 - 1
+    xtr, ytr = (torch.from_numpy(a) for a in generate_shapes(train_images, resolution, 1001, shapes_version))
+    xte, yte = (torch.from_numpy(a) for a in generate_shapes(test_images, resolution, 1002, shapes_version))
+    xtr, xte = xtr.float() / 127.5 - 1, xte.float() / 127.5 - 1
+    # Statistics targets standardized over the training set (each weighs alike in the loss).
+    st = image_statistics(xtr)
+    st_mean, st_sd = st.mean(0), st.std(0).clamp(min=1e-3)
     with _one_thread_seeded(seed):
-        net = ShapesFeatureNet(num_classes=len(SHAPE_CLASSES))
+        net = ShapesFeatureNet(num_classes=len(SHAPE_CLASSES), resolution=resolution)
         opt = torch.optim.Adam(net.parameters(), lr)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
         g = torch.Generator().manual_seed(seed)
-        # Random batches with horizontal flips (every class is symmetric under them).
+        # Random batches with horizontal flips (every class is symmetric under them; the target flips too).
         for _ in range(steps):
             idx = torch.randint(len(xtr), (batch,), generator=g)
             flip = (torch.rand(batch, generator=g) < 0.5)[:, None, None, None]
             x = torch.where(flip, xtr[idx].flip(-1), xtr[idx])
-            loss = F.cross_entropy(net(x)[1], ytr[idx])
+            z = net.body(x)
+            # Label smoothing bounds the logits, so that the class directions do not swamp z's variance.
+            ce = F.cross_entropy(net.head(z), ytr[idx], label_smoothing=label_smoothing)
+            mse = F.mse_loss(net.decoder(z), x)
+            stats = F.mse_loss(net.stats_head(z), (image_statistics(x) - st_mean) / st_sd)
+            loss = ce + recon_weight * mse + stats_weight * stats
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         net.eval()
         with torch.no_grad():
-            acc = float((net(xte.float() / 127.5 - 1)[1].argmax(1) == yte).float().mean())
-            rms = float(torch.cat([net(x)[0] for x in xtr.split(1024)]).square().mean().sqrt())
+            acc = float((net(xte)[1].argmax(1) == yte).float().mean())
+            rmse = float((net.reconstruct(xte) - xte).square().mean().sqrt())
+            stats_r2 = float(1 - (net.stats_head(net.body(xte)) - (image_statistics(xte) - st_mean) / st_sd)
+                             .square().mean() / ((image_statistics(xte) - st_mean) / st_sd).var(0).mean())
+            rms = float(torch.cat([net.body(x) for x in xtr.split(1024)]).square().mean().sqrt())
             net.feature_scale.fill_(1.0 / rms)
-    meta = {"name": SHAPES_EXTRACTOR, "version": SHAPES_EXTRACTOR_VERSION, "test_accuracy": acc,
-            "test_images": test_images, "train_images": train_images, "steps": steps, "batch": batch,
-            "lr": lr, "seed": seed, "resolution": resolution, "feature_dim": net.head.in_features,
-            "feature_scale": 1.0 / rms,
-            "classes": list(SHAPE_CLASSES), "final_loss": float(loss.detach()), "torch": str(torch.__version__)}
-    path = Path(path)
+    meta = {"name": SHAPES_EXTRACTOR, "version": SHAPES_EXTRACTOR_VERSION, "shapes_version": shapes_version,
+            "test_accuracy": acc, "test_recon_rmse": rmse, "test_stats_r2": stats_r2, "test_images": test_images,
+            "train_images": train_images, "steps": steps, "batch": batch, "lr": lr, "seed": seed,
+            "recon_weight": recon_weight, "stats_weight": stats_weight, "label_smoothing": label_smoothing,
+            "resolution": resolution, "code_dim": net.head[1].in_features, "feature_dim": net.feature_dim,
+            "stats_feature_weight": float(net.stats_weight),
+            "feature_scale": 1.0 / rms, "classes": list(SHAPE_CLASSES), "final_ce": float(ce.detach()),
+            "final_mse": float(mse.detach()), "final_stats_mse": float(stats.detach()), "torch": str(torch.__version__)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # No timings or file names in the bytes (torch.save to a path embeds its stem): the same training gives
@@ -250,27 +309,33 @@ def train_shapes_extractor(path=DEFAULT_SHAPES_EXTRACTOR_PATH, steps: int = 500,
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
     seconds = round(time.time() - t0, 2)
-    log.info("shapes feature extractor: test accuracy %.4f, %.1f s -> %s", acc, seconds, path)
+    log.info("shapes feature extractor: test accuracy %.4f, reconstruction RMSE %.4f, %.1f s -> %s",
+             acc, rmse, seconds, path)
     return {**meta, "train_seconds": seconds}
 
 
-def ensure_shapes_extractor(path=None) -> Path:
-    """The artifact at `path` (default DEFAULT_SHAPES_EXTRACTOR_PATH), trained first if missing."""
-    path = Path(path or DEFAULT_SHAPES_EXTRACTOR_PATH)
+def ensure_shapes_extractor(path=None, shapes_version: int = 1) -> Path:
+    """The artifact at `path` (default shapes_extractor_path(shapes_version)), trained first if missing."""
+    path = Path(path or shapes_extractor_path(shapes_version))
     if not path.exists():
-        log.info("shapes feature extractor %s missing: training it (deterministic, ~30 s)", path)
-        train_shapes_extractor(path)
+        log.info("shapes feature extractor %s missing: training it (deterministic, ~1 min)", path)
+        train_shapes_extractor(path, shapes_version)
     return path
 
 
-def load_shapes_extractor(path) -> tuple[ShapesFeatureNet, dict]:
+def load_shapes_extractor(path, shapes_version: int | None = None) -> tuple[ShapesFeatureNet, dict]:
+    """(network in eval mode, meta); with `shapes_version`, the network must be trained on that renderer."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("version") != SHAPES_EXTRACTOR_VERSION:
         raise ValueError(f"{path}: shapes extractor version {state.get('version')}, expected "
                          f"{SHAPES_EXTRACTOR_VERSION}; delete it to retrain")
-    net = ShapesFeatureNet(num_classes=len(state["meta"]["classes"]))
+    meta = state["meta"]
+    if shapes_version is not None and meta["shapes_version"] != shapes_version:
+        raise ValueError(f"{path}: shapes extractor trained on data.shapes_version {meta['shapes_version']}, "
+                         f"the data is version {shapes_version}; pass the matching --extractor-weights")
+    net = ShapesFeatureNet(num_classes=len(meta["classes"]), code_dim=meta["code_dim"], resolution=meta["resolution"])
     net.load_state_dict(state["state_dict"])
-    return net.eval().requires_grad_(False), state["meta"]
+    return net.eval().requires_grad_(False), meta
 
 
 def _check_uint8(x: torch.Tensor, name: str) -> None:
@@ -426,10 +491,11 @@ def default_extractor(dataset: str) -> str:
     return SHAPES_EXTRACTOR if dataset == "shapes" else INCEPTION_EXTRACTOR
 
 
-def resolve_weights(extractor: str, weights_path=None) -> Path:
-    """The local weights file of `extractor`; the shapes network is trained if missing, others are errors."""
+def resolve_weights(extractor: str, weights_path=None, shapes_version: int = 1) -> Path:
+    """The local weights file of `extractor`; the shapes network (of renderer `shapes_version`) is trained if
+    missing, others are errors."""
     if extractor == SHAPES_EXTRACTOR:
-        return ensure_shapes_extractor(weights_path)
+        return ensure_shapes_extractor(weights_path, shapes_version)
     hint = {INCEPTION_EXTRACTOR: "inception", DINOV2_EXTRACTOR: "dinov2"}.get(extractor)
     if hint is None:
         raise ValueError(f"unknown feature extractor {extractor!r}; choose {SHAPES_EXTRACTOR}, "
@@ -445,8 +511,8 @@ def extractor_info(extractor: str, weights_path) -> dict:
     """What identifies the extractor in metrics.json and cache names."""
     info = {"feature_extractor": extractor, "extractor_fingerprint": file_fingerprint(weights_path)}
     if extractor == SHAPES_EXTRACTOR:
-        info["extractor_accuracy"] = torch.load(weights_path, map_location="cpu",
-                                                weights_only=True)["meta"]["test_accuracy"]
+        meta = torch.load(weights_path, map_location="cpu", weights_only=True)["meta"]
+        info.update({"extractor_accuracy": meta["test_accuracy"], "extractor_shapes_version": meta["shapes_version"]})
     return info
 
 
@@ -457,7 +523,8 @@ def extractor_info(extractor: str, weights_path) -> dict:
 
 @dataclass
 class Reference:
-    """Real images (uint8) or imported statistics, with the extractor that compares against them."""
+    """Real images (uint8) or imported statistics, with the extractor that compares against them; `labels`
+    (int64, conditional data) enable the class-aware metrics; `shapes_version` names the renderer."""
 
     dataset: str
     extractor: str
@@ -465,24 +532,40 @@ class Reference:
     cache_dir: Path
     images: torch.Tensor | None = None
     stats_path: Path | None = None  # imported .npz/.pkl when there are no images
+    labels: torch.Tensor | None = None
+    shapes_version: int | None = None
 
     @functools.cached_property
     def name(self) -> str:
         if self.images is None:
             return Path(self.stats_path).stem
-        return f"{self.dataset}-{self.extractor}-" + content_hash(self.images, self.extractor,
-                                                                 file_fingerprint(self.weights_path))
+        data = self.dataset if self.shapes_version is None else f"{self.dataset}-data{self.shapes_version}"
+        return f"{data}-{self.extractor}-" + content_hash(self.images, self.extractor,
+                                                          file_fingerprint(self.weights_path))
+
+    @functools.cached_property
+    def real_features(self) -> torch.Tensor:
+        """FID features of the real images (float64), for the joint distance."""
+        return extract_features(self.images, self).double()
 
 
 def make_reference(dataset: str, images: torch.Tensor | None = None, extractor: str | None = None,
-                   weights_path=None, cache_dir=DEFAULT_CACHE_DIR, stats_path=None) -> Reference:
+                   weights_path=None, cache_dir=DEFAULT_CACHE_DIR, stats_path=None, labels=None,
+                   shapes_version: int | None = None) -> Reference:
+    """The reference of `dataset`. Shapes: the extractor of renderer `shapes_version` (default path, trained
+    if missing; given weights must match that version); without `shapes_version` the weights' own."""
     if images is None and stats_path is None:
         raise NoReferenceError(f"{dataset}: no real images to compare against; pass reference statistics "
                               "(EDM .npz or EDM2 .pkl) with --ref-stats")
     extractor = extractor or default_extractor(dataset)
     register_extractors()
-    return Reference(dataset, extractor, resolve_weights(extractor, weights_path), Path(cache_dir),
-                     images, Path(stats_path) if stats_path else None)
+    weights = resolve_weights(extractor, weights_path, shapes_version or 1)
+    if extractor == SHAPES_EXTRACTOR:
+        shapes_version = load_shapes_extractor(weights, shapes_version)[1]["shapes_version"]
+    if labels is not None and images is not None and len(labels) != len(images):
+        raise ValueError(f"{dataset}: {len(labels)} labels for {len(images)} reference images")
+    return Reference(dataset, extractor, weights, Path(cache_dir), images, Path(stats_path) if stats_path else None,
+                     labels, shapes_version if extractor == SHAPES_EXTRACTOR else None)
 
 
 def _fidelity_kwargs(ref: Reference, device: str, batch_size: int) -> dict:
@@ -534,15 +617,41 @@ def reference_stats(ref: Reference, device: str = "cpu", batch_size: int = 256) 
     return mu, sigma, path
 
 
+def class_accuracy(images: torch.Tensor, labels: torch.Tensor, ref: Reference, device: str = "cpu",
+                   batch_size: int = 256) -> float:
+    """Fraction of `images` that the shapes extractor's classifier assigns to `labels` (the labels the samples
+    were conditioned on): 'a person recognizes the samples', made measurable (chance: 1 / classes)."""
+    if ref.extractor != SHAPES_EXTRACTOR:
+        raise ValueError(f"class accuracy needs the shapes extractor's classifier, not {ref.extractor}")
+    logits = extract_features(images, ref, device, batch_size, layer="logits")
+    return float((logits.argmax(1).cpu() == labels.cpu()).double().mean())
+
+
+def frechet_joint_distance(features, labels, real_features, real_labels, num_classes: int) -> float:
+    """FJD (DeVries et al. 2019): the Fréchet distance between the joint distributions of (features,
+    alpha * one-hot label), alpha = RMS norm of the real features, so that both parts weigh alike. Blind
+    FID misses samples of the wrong class when the class marginal is right; FJD does not."""
+    real_features = torch.as_tensor(real_features, dtype=torch.float64)
+    alpha = float(real_features.square().sum(1).mean().sqrt())
+    joint = lambda f, y: torch.cat([torch.as_tensor(f, dtype=torch.float64).cpu(),
+                                    alpha * F.one_hot(torch.as_tensor(y).cpu(), num_classes).double()], 1)
+    return frechet_distance(*feature_statistics(joint(features, labels)),
+                            *feature_statistics(joint(real_features, real_labels)))
+
+
 def compute_metrics(generated: torch.Tensor, ref: Reference, kid: bool = True, prc: bool = True,
-                    device: str = "cpu", batch_size: int = 256, kid_subsets: int = 100) -> dict:
-    """{fid, kid, kid_sd, precision, recall} of uint8 `generated` against `ref` (None where unavailable)."""
+                    device: str = "cpu", batch_size: int = 256, kid_subsets: int = 100,
+                    labels: torch.Tensor | None = None) -> dict:
+    """{fid, kid, kid_sd, precision, recall, class_accuracy, fjd} of uint8 `generated` against `ref` (None
+    where unavailable). `labels`: the classes the samples were conditioned on; with the shapes extractor they
+    give class_accuracy, and with reference labels fjd."""
+    out = _class_metrics(generated, labels, ref, device, batch_size)
     if ref.images is None:
         # Imported statistics: FD from our float64 statistics of the generated features.
         mu, sigma, _ = reference_stats(ref, device, batch_size)
         g_mu, g_sigma = feature_statistics(extract_features(generated, ref, device, batch_size))
         return {"fid": frechet_distance(g_mu, g_sigma, mu, sigma), "kid": None, "kid_sd": None,
-                "precision": None, "recall": None}
+                "precision": None, "recall": None, **out}
     import torch_fidelity
 
     subset = min(1000, len(generated), len(ref.images))
@@ -555,12 +664,32 @@ def compute_metrics(generated: torch.Tensor, ref: Reference, kid: bool = True, p
     get = lambda k: float(m[k]) if k in m else None
     return {"fid": get(torch_fidelity.KEY_METRIC_FID), "kid": get(torch_fidelity.KEY_METRIC_KID_MEAN),
             "kid_sd": get(torch_fidelity.KEY_METRIC_KID_STD), "precision": get(torch_fidelity.KEY_METRIC_PRECISION),
-            "recall": get(torch_fidelity.KEY_METRIC_RECALL)}
+            "recall": get(torch_fidelity.KEY_METRIC_RECALL), **out}
+
+
+def _class_metrics(generated, labels, ref: Reference, device: str, batch_size: int) -> dict:
+    """class_accuracy and fjd where the labels, the classifier and the real labels allow them."""
+    out = {"class_accuracy": None, "fjd": None}
+    if labels is None or ref.extractor != SHAPES_EXTRACTOR:
+        return out
+    if len(labels) != len(generated):
+        raise ValueError(f"{len(labels)} labels for {len(generated)} generated images")
+    out["class_accuracy"] = class_accuracy(generated, labels, ref, device, batch_size)
+    if ref.labels is not None and ref.images is not None:
+        feats = extract_features(generated, ref, device, batch_size)
+        out["fjd"] = frechet_joint_distance(feats, labels, ref.real_features, ref.labels,
+                                            len(ref_classes(ref)))
+    return out
+
+
+def ref_classes(ref: Reference) -> list[str]:
+    return torch.load(ref.weights_path, map_location="cpu", weights_only=True)["meta"]["classes"]
 
 
 def summarize(values: list[float]) -> dict:
-    """min (as the paper reports over seed sets), mean and sample sd (None for a single set)."""
+    """min (as the paper reports FID over seed sets), max, mean and sample sd (None for a single set)."""
     v = [float(x) for x in values if x is not None and math.isfinite(x)]
     if not v:
-        return {"min": None, "mean": None, "sd": None}
-    return {"min": min(v), "mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None}
+        return {"min": None, "max": None, "mean": None, "sd": None}
+    return {"min": min(v), "max": max(v), "mean": float(np.mean(v)),
+            "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None}

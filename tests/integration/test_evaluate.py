@@ -33,7 +33,7 @@ def fast_extractor(tmp_path_factory):
     """A quickly trained shapes extractor (shared with tests/unit/test_metrics.py within one session)."""
     path = tmp_path_factory.getbasetemp() / "shapes-features-fast.pt"
     if not path.exists():
-        M.train_shapes_extractor(path, steps=100, batch=64, train_images=2048, test_images=512)
+        M.train_shapes_extractor(path, steps=300, batch=64, train_images=2048, test_images=512)  # = test_metrics.FAST
     return path
 
 
@@ -126,16 +126,40 @@ def test_evaluate_offline_writes_metrics_json(runs, fast_extractor, tmp_path, of
     for e in entries:
         for key in ("run_id", "method", "size", "params", "nfe", "effective_compute", "fid", "fid_min", "fid_mean",
                     "fid_sd", "kid", "precision", "recall", "feature_extractor", "ref_stats", "num_samples",
-                    "seeds", "extractor_accuracy"):
+                    "seeds", "extractor_accuracy", "extractor_shapes_version", "fid_max", "class_accuracy",
+                    "class_accuracy_mean", "class_accuracy_sd", "class_accuracy_min", "class_accuracy_max", "fjd",
+                    "fjd_mean"):
             assert key in e, key
         assert e["run_id"] == "tiny-sct" and e["method"] == "sct" and e["size"] == "tS"
-        assert e["feature_extractor"] == M.SHAPES_EXTRACTOR and e["ref_stats"].startswith("shapes-scm-shapes-v1-")
+        assert e["feature_extractor"] == M.SHAPES_EXTRACTOR
+        assert e["ref_stats"].startswith(f"shapes-data1-{M.SHAPES_EXTRACTOR}-") and e["extractor_shapes_version"] == 1
         assert len(e["fid"]) == 2 and e["fid_min"] == min(e["fid"]) and e["fid_sd"] is not None
+        assert e["fid_max"] == max(e["fid"])
+        # Class accuracy per seed set: the classifier's verdict on the seeds' own conditioning labels.
+        assert len(e["class_accuracy"]) == 2 and all(0 <= a <= 1 for a in e["class_accuracy"])
+        assert e["class_accuracy_mean"] == pytest.approx(sum(e["class_accuracy"]) / 2)
+        assert len(e["fjd"]) == 2 and all(f >= 0 for f in e["fjd"])
         assert e["seeds"] == ["0-63", "64-127"] and e["num_samples"] == 64
         assert e["effective_compute"] == pytest.approx(e["params"] / 1e9 * e["nfe"])
     assert (tmp_path / "cache" / f"{entries[0]['ref_stats']}.npz").exists()
     assert len(pd.DataFrame(json.loads(out.read_text()))) == 2
-    assert "tiny-sct" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "tiny-sct" in printed and "class acc" in printed
+    # The same samples, classified here: seed k's label comes from generator k, as in generate.
+    from scm.train import load_final
+
+    net, cfg = load_final(runs / "tiny-sct", "ema")
+    gen, _ = E.generate(net, cfg, list(range(64)), 2)
+    labels = torch.stack([torch.randint(8, (), generator=_after_noise(k)) for k in range(64)])
+    ref = M.make_reference("shapes", gen[:8], weights_path=fast_extractor, cache_dir=tmp_path / "cache")
+    assert entries[1]["class_accuracy"][0] == pytest.approx(M.class_accuracy(gen, labels, ref))
+
+
+def _after_noise(seed: int) -> torch.Generator:
+    """Generator `seed` after the sample's noise draw (3 x 16 x 16 normals), where its label is drawn."""
+    g = torch.Generator().manual_seed(seed)
+    torch.randn((3, 16, 16), generator=g)
+    return g
 
 
 def test_imported_ref_stats_agree_with_calculate_metrics(runs, fast_extractor, tmp_path, offline):
@@ -144,7 +168,7 @@ def test_imported_ref_stats_agree_with_calculate_metrics(runs, fast_extractor, t
     assert main(["data", "ref-stats", "--run-dir", str(run), "--out", str(npz), "--device", "cpu",
                  "--extractor-weights", str(fast_extractor), "--cache-dir", str(tmp_path / "cache")]) == 0
     mu, sigma, meta = M.load_ref_stats(npz)
-    assert mu.shape == (128,) and meta["num_images"] == 256
+    assert mu.shape == (146,) and meta["num_images"] == 256
     kw = dict(steps=[2], num=64, extractor_weights=fast_extractor, cache_dir=tmp_path / "cache", device="cpu",
               kid_subsets=10)
     main_path = E.evaluate_run(run, **kw)[0]

@@ -1,19 +1,27 @@
-# Evaluation per run: FID (and KID, precision/recall) at each number of sampling steps, and a grid.
-# The embedded dataset's feature network is trained once (deterministic) before any evaluation.
-EXTRACTOR = f"{R}/artifacts/shapes-features-v1.pt" if config["dataset"] == "shapes" else None
+# Evaluation per run: FID (and class accuracy, FJD, KID, precision/recall) at each number of sampling steps,
+# and a grid. The embedded dataset's feature network is trained once per renderer version (deterministic)
+# before any evaluation that needs it.
+from scm.metrics import shapes_extractor_path
+
+
+def extractor_of(wildcards):
+    """The shapes feature network of this run's renderer version (data.shapes_version); none for other data."""
+    data = STUDY.config(wildcards.run).data
+    return str(shapes_extractor_path(data.shapes_version, f"{R}/artifacts")) if data.name == "shapes" else []
 
 
 rule extractor:
     conda:
         "../envs/scm.yaml"
     output:
-        f"{R}/artifacts/shapes-features-v1.pt",
+        str(shapes_extractor_path("{version}", f"{R}/artifacts")),
     log:
-        f"{R}/logs/extractor.log",
+        f"{R}/logs/extractor-data{{version}}.log",
+    wildcard_constraints:
+        version=r"\d+",
     threads: 1
     shell:
-        "scm data build-extractor --out {output} > {log} 2>&1"
-
+        "scm data build-extractor --shapes-version {wildcards.version} --out {output} > {log} 2>&1"
 
 
 rule evaluate:
@@ -21,7 +29,7 @@ rule evaluate:
         "../envs/scm.yaml"
     input:
         run=f"{R}/runs/{{run}}/final.pt",
-        extractor=EXTRACTOR or [],
+        extractor=extractor_of,
     output:
         f"{R}/metrics/{{run}}.json",
     log:
