@@ -3,10 +3,17 @@
 Run ids are `{method}-{size}-{ablation}-s{seed}` (e.g. `scd-tM-base-s0`, `sct-tS-tangent_warmup_off-s1`).
 The main grid is methods x sizes x seeds with ablation `base`; the ablation grid runs each file of
 ablations/ (only config overrides) against the full recipe (ablation `full`: no file, the same
-grid settings) at one method and size with several seeds. `ablations.overrides` (e.g. a shorter
-schedule) apply to the whole ablation grid, so ablations compare like with like.
-sCD runs distill the teacher `teacher-{size}-base-s{teacher_seed}` (or a teacher with the same
-network changes, when an ablation changes the architecture).
+grid settings) at one method and size with several seeds (default: sCD, the paper's preferred
+method, seeds 0, 1, 2). `ablations.overrides` (e.g. a shorter schedule) apply to the whole ablation
+grid, so ablations compare like with like.
+
+sCD runs distill the teacher `teacher-{size}-base-s{teacher_seed}`. An ablation that changes the
+network function (c_noise, time embedding, AdaGN) distills its own teacher `teacher-{size}-{ablation}-s
+{teacher_seed}`: the same budget and seed as the base teacher, only the network change added, trained
+once and shared by all seeds of that ablation. Distilling the base teacher into a changed student
+instead would start the student from weights trained for another function (sCM Sec. 5: the CM is
+initialized from its teacher) and measure that mismatch rather than the technique. The price is one
+teacher per network ablation (4 in ablations/); `ablations.names` trims the grid where that is too much.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ def parse_run_id(run_id: str) -> Run:
 
 def load_ablation(path: Path) -> dict[str, Any]:
     """An ablation file: dotted overrides only, checked against the config dataclasses."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = C.load_yaml(path, "ablation file")
     flat = C.flatten(raw)
     probe = C.Config()
     for key, value in flat.items():
@@ -95,7 +102,8 @@ class Study:
         ab = self.cfg.get("ablations", {}) or {}
         if not self.ablations:
             return []
-        method, size, seeds = ab.get("method", "sct"), ab.get("size", self.cfg["sizes"][0]), ab.get("seeds", [0, 1])
+        method, size = ab.get("method", "scd"), ab.get("size", self.cfg["sizes"][0])
+        seeds = ab.get("seeds", [0, 1, 2])
         runs = [Run(method, size, "full", seed) for seed in seeds]
         return runs + [Run(method, size, name, seed) for name in self.ablations for seed in seeds]
 

@@ -26,23 +26,32 @@ def test_default_study_grid():
     ids = s.run_ids()
     assert len(ids) == len(set(ids))
     for m in ("teacher", "scd", "sct"):
-        for size in ("tS", "tM", "tL"):
+        for size in s.cfg["sizes"]:
             assert f"{m}-{size}-base-s0" in ids
+    assert {"tS", "tM"} <= set(s.cfg["sizes"])
     ablation_files = sorted(p.stem for p in (ROOT / "ablations").glob("*.yaml"))
     assert len(ablation_files) >= 10
-    for name in ablation_files:
-        assert f"sct-tS-{name}-s0" in ids and f"sct-tS-{name}-s1" in ids
-    assert "sct-tS-full-s0" in ids and "sct-tS-full-s1" in ids  # the full recipe, ablation-grid settings
-    full, clip = s.config("sct-tS-full-s1"), s.config("sct-tS-tangent_norm_clip-s1")
-    assert full.run.total_kimg == clip.run.total_kimg == 2.4 and full.loss.tangent_norm == "l2"
+    # sCD (the paper's preferred method), three seeds, the full recipe with the grid's settings
+    names = s.cfg["ablations"]["names"] or ablation_files  # the default study runs one per technique
+    assert set(names) <= set(ablation_files) and len(names) >= 7
+    for name in names + ["full"]:
+        assert all(f"scd-tS-{name}-s{seed}" in ids for seed in (0, 1, 2)), name
+    grid_kimg = s.cfg["ablations"]["overrides"]["run"]["total_kimg"]
+    full, clip = s.config("scd-tS-full-s1"), s.config("scd-tS-tangent_norm_none-s1")
+    assert full.run.total_kimg == clip.run.total_kimg == grid_kimg and full.loss.tangent_norm == "l2"
+    assert full.run.teacher_run_dir == clip.run.teacher_run_dir == "results/runs/teacher-tS-base-s0"
+    # network ablations distill their own teacher: one per ablation (not per seed), the base teacher's budget
+    own = sorted(i for i in ids if i.startswith("teacher-tS-") and "-base-" not in i)
+    assert own == ["teacher-tS-adagn_plain-s0", "teacher-tS-c_noise_1000t-s0", "teacher-tS-time_embedding_fourier-s0"]
+    assert s.config(own[0]).run.total_kimg == s.config("teacher-tS-base-s0").run.total_kimg
 
 
 def test_overrides_order_and_teacher():
     s = study()
-    cfg = s.config("sct-tS-tangent_norm_clip-s1")
-    assert cfg.loss.tangent_norm == "clip" and cfg.run.seed == 1 and cfg.run.method == "sct"
-    assert cfg.run.batch_size == 32 and cfg.run.total_kimg == 2.4  # study, method, then ablation-grid overrides
-    assert s.config("sct-tS-base-s0").run.total_kimg == 4.8
+    cfg = s.config("sct-tS-tangent_norm_none-s1")
+    assert cfg.loss.tangent_norm == "none" and cfg.run.seed == 1 and cfg.run.method == "sct"
+    assert cfg.run.batch_size == 32 and cfg.run.total_kimg == 1.6  # study, method, then ablation-grid overrides
+    assert s.config("sct-tS-base-s0").run.total_kimg == 3.2 and cfg.data.shapes_version == 2
     scd = s.config("scd-tM-base-s0")
     assert scd.run.teacher_run_dir == "results/runs/teacher-tM-base-s0"
     # the file written for `scm train --config` resolves to the same config

@@ -55,7 +55,7 @@ TINY_STUDY = {
                   "data": {"num_images": 256}, "network": {"model_channels": 8}},
     "method_overrides": {"teacher": {"run": {"total_kimg": 0.32}}, "scd": {"run": {"total_kimg": 0.16}},
                          "sct": {"run": {"total_kimg": 0.16}}},
-    "ablations": {"method": "sct", "size": "tS", "seeds": [0, 1], "names": ["tangent_norm_clip", "adagn_plain"]},
+    "ablations": {"method": "scd", "size": "tS", "seeds": [0, 1], "names": ["tangent_norm_clip", "adagn_plain"]},
     "eval": {"cm_steps": [1, 2], "teacher_steps": [4], "num_samples": 64, "seed_sets": 2},
     "sweep": {"enabled": False},
     "launcher": "debug",
@@ -75,7 +75,9 @@ def test_tiny_study_end_to_end(tmp_path):
     ablations = (results / "tables" / "ablations.md").read_text()
     for row in ("full recipe", "tangent_norm_clip", "adagn_plain"):
         assert row in ablations
-    for fig in ("compute_vs_fid", "figure1_paper", "fid_vs_size", "ablation_curves", "samples"):
+    assert "sCD, tS, 0.16 kimg (10 iterations at batch 16), 2 seeds (0, 1)" in ablations
+    assert "| adagn_plain " in ablations and "own (FID" in ablations  # its own teacher, network changed
+    for fig in ("compute_vs_fid", "figure1_paper", "fid_vs_size", "ablation_curves", "ablation_effects", "samples"):
         assert (results / "figures" / f"{fig}.png").stat().st_size > 1000
     assert (results / "tables" / "main.tex").exists() and (results / "tables" / "cost.md").exists()
     # snakemake's HTML report bundles the tables and figures
@@ -85,7 +87,7 @@ def test_tiny_study_end_to_end(tmp_path):
     again = snakemake("--configfile", str(study), "--profile", "profiles/local", "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
     # deleting one metrics file reruns only its evaluation and the report
-    (results / "metrics" / "sct-tS-full-s1.json").unlink()
+    (results / "metrics" / "scd-tS-full-s1.json").unlink()
     dry = snakemake("--configfile", str(study), "--profile", "profiles/local", "-n", "--quiet", "rules")
     assert job_stats(dry.stdout + dry.stderr) == {"evaluate": 1, "report": 1, "all": 1}
 

@@ -1,4 +1,5 @@
 # The report: the paper's tables and figures for this study, next to the paper's numbers.
+# `snakemake --report` groups them: main results (numbers beside sample grids), ablations, cost.
 
 
 rule report:
@@ -9,16 +10,25 @@ rule report:
         grids=expand(f"{R}/samples/{{run}}/grid.png", run=[r.run_id for r in STUDY.main_runs()]),
         reference="results/reference/paper-tables.csv",
     output:
-        main_md=report(f"{R}/tables/main.md", category="Tables"),
+        main_md=report(f"{R}/tables/main.md", caption="../report/main.rst", category="1. Main results",
+                       subcategory="Tables"),
         main_tex=f"{R}/tables/main.tex",
-        ablations_md=report(f"{R}/tables/ablations.md", category="Tables"),
+        samples=report(f"{R}/figures/samples.png", caption="../report/samples.rst", category="1. Main results",
+                       subcategory="Samples beside their numbers"),
+        compute_fid=report(f"{R}/figures/compute_vs_fid.png", caption="../report/figures.rst",
+                           category="1. Main results", subcategory="Figures"),
+        figure1=report(f"{R}/figures/figure1_paper.png", caption="../report/figures.rst",
+                       category="1. Main results", subcategory="Figures"),
+        fid_size=report(f"{R}/figures/fid_vs_size.png", caption="../report/figures.rst",
+                        category="1. Main results", subcategory="Figures"),
+        ablations_md=report(f"{R}/tables/ablations.md", caption="../report/ablations.rst",
+                            category="2. Ablations", subcategory="Table"),
         ablations_tex=f"{R}/tables/ablations.tex",
-        cost_md=report(f"{R}/tables/cost.md", category="Tables"),
-        compute_fid=report(f"{R}/figures/compute_vs_fid.png", category="Figures"),
-        figure1=report(f"{R}/figures/figure1_paper.png", category="Figures"),
-        fid_size=report(f"{R}/figures/fid_vs_size.png", category="Figures"),
-        curves=report(f"{R}/figures/ablation_curves.png", category="Figures"),
-        samples=report(f"{R}/figures/samples.png", category="Figures"),
+        effects=report(f"{R}/figures/ablation_effects.png", caption="../report/ablation_effects.rst",
+                       category="2. Ablations", subcategory="Effects"),
+        curves=report(f"{R}/figures/ablation_curves.png", caption="../report/ablation_curves.rst",
+                      category="2. Ablations", subcategory="Training curves"),
+        cost_md=report(f"{R}/tables/cost.md", caption="../report/cost.rst", category="3. Cost"),
     log:
         f"{R}/logs/report.log",
     localrule: True
