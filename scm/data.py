@@ -35,7 +35,8 @@ LOGGER = logging.getLogger(__name__)
 # The embedded "shapes" set: 8 classes drawn with numpy, 4x4 supersampled for anti-aliased edges.
 # Only +, -, *, /, sqrt, floor and comparisons are used (IEEE-exact everywhere; no sin/cos from libm),
 # coverage is an integer count, and pixels are quantized to uint8: the bytes are the same on every machine.
-# Bump SHAPES_VERSION whenever the drawing changes (the unit test pins a checksum).
+# A drawing change is a new entry of SHAPES_VERSIONS (the unit tests pin each version's checksum);
+# SHAPES_VERSION is the default (data.shapes_version selects another; the default study uses 2).
 
 SHAPES_VERSION = 1
 SHAPE_CLASSES = ("circle", "square", "triangle", "plus", "ring", "stripes", "bar", "diamond")
@@ -121,8 +122,50 @@ def _draw(name: str, q: np.ndarray, resolution: int) -> np.ndarray:
     return bg * (1 - alpha) + fg[:, :, None, None] * alpha
 
 
+# Version 2: the same 8 shapes with fewer nuisance factors, learnable by a CPU-sized model in a few hundred
+# steps (version 1's continuous colours and gradients were not). Large shapes near the centre, small
+# rotations (triangles point up or down), one of 6 bright colours (q column 6) on a flat dark background.
+_SHAPE_SPECS_V2 = {
+    "circle": ((0.60, 0.80), 0.0, False, (1.0, 1.0)),
+    "square": ((0.50, 0.62), 0.09, False, (1.42, 1.42)),
+    "triangle": ((0.75, 0.95), 0.09, True, (1.0, 1.0)),
+    "plus": ((0.70, 0.90), 0.09, False, (1.05, 1.05)),
+    "ring": ((0.65, 0.85), 0.0, False, (1.0, 1.0)),
+    "stripes": ((0.40, 0.55), 0.05, False, (0.0, 0.0)),
+    "bar": ((0.75, 0.90), 0.05, False, (0.5, 1.0)),
+    "diamond": ((0.75, 0.90), 0.05, False, (0.85, 1.0)),
+}
+_PALETTE_V2 = np.array([[1.0, 0.25, 0.2], [0.3, 0.9, 0.3], [0.3, 0.45, 1.0],
+                        [1.0, 0.9, 0.25], [0.25, 0.9, 0.95], [0.95, 0.35, 0.95]])
+_BACKGROUND_V2 = np.array([0.08, 0.08, 0.1])
+
+
+def _draw_v2(name: str, q: np.ndarray, resolution: int) -> np.ndarray:
+    """Version 2 of _draw: images (n, 3, H, W) in [0, 1] from uniforms q (n, 18); columns 0-4 and 6 used."""
+    (lo, hi), tmax, any_turn, (ex, ey) = _SHAPE_SPECS_V2[name]
+    r = (lo + (hi - lo) * q[:, 0])[:, None, None]
+    # Position: at most 0.12 (about 1 pixel at 16x16) from the centre, and only where the shape fits.
+    cx = (2 * q[:, 1] - 1) * np.minimum(np.maximum(0.95 - ex * r[:, 0, 0], 0.0), 0.12)
+    cy = (2 * q[:, 2] - 1) * np.minimum(np.maximum(0.95 - ey * r[:, 0, 0], 0.0), 0.12)
+    c, s = _turn(tmax * (2 * q[:, 3] - 1))
+    if any_turn:  # point up or down
+        flip = np.where(q[:, 4] < 0.5, -1.0, 1.0)
+        c, s = c * flip, s * flip
+    n, ss = len(q), _SUPERSAMPLE * resolution
+    g = (2 * np.arange(ss) + 1) / ss - 1
+    dx = g[None, None, :] - cx[:, None, None]
+    dy = g[None, :, None] - cy[:, None, None]
+    c, s = c[:, None, None], s[:, None, None]
+    hit = _inside(name, c * dx + s * dy, c * dy - s * dx, r)
+    hits = hit.reshape(n, resolution, _SUPERSAMPLE, resolution, _SUPERSAMPLE).sum(axis=(2, 4))
+    alpha = (hits / _SUPERSAMPLE**2)[:, None]
+    fg = _PALETTE_V2[np.minimum(np.floor(q[:, 6] * len(_PALETTE_V2)).astype(np.int64), len(_PALETTE_V2) - 1)]
+    bg = np.broadcast_to(_BACKGROUND_V2[None, :, None, None], (n, 3, resolution, resolution))
+    return bg * (1 - alpha) + fg[:, :, None, None] * alpha
+
+
 # version -> drawing function (name, q, resolution) -> images in [0, 1]; every version keeps its bytes.
-SHAPES_VERSIONS = {1: _draw}
+SHAPES_VERSIONS = {1: _draw, 2: _draw_v2}
 
 
 def generate_shapes(num_images: int, resolution: int = 16, seed: int = 0, version: int = SHAPES_VERSION,
@@ -198,18 +241,12 @@ class GMMDataset(_InMemoryDataset):
 
     def __init__(self, num_samples: int = 2048, shape: tuple[int, int, int] = (1, 4, 4),
                  num_components: int = 8, seed: int = 0, sigma_d: float = 0.5):
+        from scm.gmm import GaussianMixture
+
         self.num_samples, self.seed, self.sample_shape = num_samples, seed, tuple(shape)
-        rng = np.random.default_rng([seed, 0])
-        means = rng.standard_normal((num_components, math.prod(shape)))
-        stds = rng.uniform(0.15, 0.4, num_components)
-        weights = rng.uniform(0.5, 1.5, num_components)
-        weights /= weights.sum()
-        # Centre the mixture, then scale so that E[|x|^2] / D = sum_k w_k (|mu_k|^2 / D + s_k^2) = sigma_d^2.
-        means -= weights @ means
-        scale = sigma_d / math.sqrt(weights @ ((means**2).mean(axis=1) + stds**2))
-        self.means = torch.from_numpy(means * scale)
-        self.stds = torch.from_numpy(stds * scale)
-        self.weights = torch.from_numpy(weights)
+        # The mixture lives in scm.gmm (exact velocity and consistency function of the same parameters).
+        self.mixture = GaussianMixture.for_data(num_components, math.prod(shape), seed, sigma_d)
+        self.means, self.stds, self.weights = self.mixture.means, self.mixture.stds, self.mixture.weights
         self._epoch = -1
         super().__init__(torch.empty(0), torch.full((num_samples,), -1, dtype=torch.int64))
         self._draw_epoch(0)
@@ -386,7 +423,7 @@ def build_dataset(data_cfg: DataConfig, sigma_d: float):
         ds = ShapesDataset(data_cfg.num_images, data_cfg.resolution, version=data_cfg.shapes_version)
     elif name == "gmm":
         shape = (data_cfg.channels, data_cfg.resolution, data_cfg.resolution)
-        ds = GMMDataset(data_cfg.num_images, shape, sigma_d=sigma_d)
+        ds = GMMDataset(data_cfg.num_images, shape, data_cfg.gmm_components, data_cfg.gmm_seed, sigma_d)
     elif name in ("cifar10", "zip", "imagenet64", "imagenet512"):
         if not data_cfg.path:
             what = "the CIFAR-10 root folder" if name == "cifar10" else "an EDM2 dataset ZIP"

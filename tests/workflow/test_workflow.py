@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,6 @@ def test_lint():
 @pytest.mark.parametrize("profile", ["local", "slurm"])
 @pytest.mark.parametrize("study", STUDIES)
 def test_dry_run(study, profile):
-    start = time.perf_counter()
     proc = snakemake("-n", "--configfile", study, "--profile", f"profiles/{profile}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
@@ -37,7 +35,6 @@ def test_dry_run(study, profile):
     for method in cfg["methods"]:
         for size in cfg["sizes"]:
             assert f"{method}-{size}-base-s0" in out
-    assert time.perf_counter() - start < 60
 
 
 def test_imagenet512_grid_is_the_papers():
