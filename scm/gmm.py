@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from scm.trigflow import bcast
@@ -32,6 +33,32 @@ class GaussianMixture:
         weights = 0.5 + torch.rand(K, generator=g, dtype=torch.float64)
         return cls(means, stds, weights, sigma_d)
 
+    @classmethod
+    def for_data(cls, num_components: int, dim: int, seed: int = 0, sigma_d: float = 0.5) -> GaussianMixture:
+        """The 'gmm' dataset's mixture: unequal weights and widths, centred, per-dimension std sigma_d.
+
+        means ~ N(0, I), relative stds ~ U[0.15, 0.4], weights ~ U[0.5, 1.5] (normalized), from (seed, 0);
+        then one scale so that E[|x|^2] / D = sum_k w_k (|mu_k|^2 / D + s_k^2) = sigma_d^2 (App. B: unit
+        data variance in units of sigma_d).
+        """
+        rng = np.random.default_rng([seed, 0])
+        means = rng.standard_normal((num_components, dim))
+        stds = rng.uniform(0.15, 0.4, num_components)
+        weights = rng.uniform(0.5, 1.5, num_components)
+        weights /= weights.sum()
+        means -= weights @ means
+        scale = sigma_d / math.sqrt(weights @ ((means**2).mean(axis=1) + stds**2))
+        return cls(torch.from_numpy(means * scale), torch.from_numpy(stds * scale), torch.from_numpy(weights),
+                   sigma_d)
+
+    def to(self, device) -> GaussianMixture:
+        """The same mixture with its parameters on `device`."""
+        return GaussianMixture(self.means.to(device), self.stds.to(device), self.weights.to(device), self.sigma_d)
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
     def sample(self, n: int, generator=None) -> torch.Tensor:
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
@@ -43,29 +70,33 @@ class GaussianMixture:
     def _posterior(self, x: torch.Tensor, t: torch.Tensor):
         c, s = torch.cos(t)[:, None], torch.sin(t)[:, None]  # (B, 1)
         var = c**2 * self.stds[None] ** 2 + s**2 * self.sigma_d**2  # (B, K)
-        diff = x[:, None, :] - c[:, :, None] * self.means[None]  # (B, K, D)
         D = x.shape[1]
+        # ||x - c mu_k||^2 through inner products: no (B, K, D) temporaries
+        sq = (x**2).sum(1, keepdim=True) - 2 * c * (x @ self.means.T) + c**2 * (self.means**2).sum(1)[None]
         # log N(x; c mu_k, var_k I) + log pi_k -> responsibilities r_k(x)
-        logp = (-0.5 * (diff**2).sum(-1) / var - 0.5 * D * torch.log(2 * math.pi * var)
-                + torch.log(self.weights)[None])
+        logp = -0.5 * sq / var - 0.5 * D * torch.log(2 * math.pi * var) + torch.log(self.weights)[None]
         r = torch.softmax(logp, dim=1)  # (B, K)
-        return c, s, var, diff, r, logp
+        return c, s, var, r, logp
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """grad_x log p_t(x) = sum_k r_k (-(x - cos t mu_k) / var_k)."""
-        c, s, var, diff, r, _ = self._posterior(x, t)
-        return (r[:, :, None] * (-diff / var[:, :, None])).sum(1)
+        c, s, var, r, _ = self._posterior(x, t)
+        q = r / var
+        return -q.sum(1, keepdim=True) * x + c * (q @ self.means)
 
     def log_prob(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.logsumexp(self._posterior(x, t)[5], dim=1)
+        return torch.logsumexp(self._posterior(x, t)[4], dim=1)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """E[v_t | x_t] with v_t = cos(t) z - sin(t) x0: the exact PF-ODE dx_t/dt."""
-        c, s, var, diff, r, _ = self._posterior(x, t)
-        v = var[:, :, None]
-        x0_hat = self.means[None] + c[:, :, None] * self.stds[None, :, None] ** 2 / v * diff
-        z_hat = s[:, :, None] * self.sigma_d**2 / v * diff
-        return (r[:, :, None] * (c[:, :, None] * z_hat - s[:, :, None] * x0_hat)).sum(1)
+        """E[v_t | x_t] with v_t = cos(t) z - sin(t) x0: the exact PF-ODE dx_t/dt.
+
+        Per component, E[x0 | x_t, k] = mu_k + c s_k^2 / var_k (x - c mu_k) and
+        E[z | x_t, k] = s sigma_d^2 / var_k (x - c mu_k), so c E[z] - s E[x0] = a_k x - (a_k c + s) mu_k
+        with a_k = c s (sigma_d^2 - s_k^2) / var_k; then mix with the responsibilities r_k.
+        """
+        c, s, var, r, _ = self._posterior(x, t)
+        a = c * s * (self.sigma_d**2 - self.stds[None] ** 2) / var  # (B, K)
+        return (r * a).sum(1, keepdim=True) * x - (r * (a * c + s)) @ self.means
 
     # ------------------------------------------------------------------------
     # The PF-ODE and the exact consistency function by RK4 in float64.
@@ -87,3 +118,23 @@ class GaussianMixture:
     def consistency(self, x: torch.Tensor, t: torch.Tensor, steps: int = 400) -> torch.Tensor:
         """The exact consistency function f*(x_t, t): the ODE solution at t = 0."""
         return self.ode(x, t, torch.zeros_like(t), steps)
+
+    def trajectory(self, x: torch.Tensor, times: list[float], steps: int = 400) -> list[torch.Tensor]:
+        """States of one PF-ODE solve from times[0] (where the state is x) through decreasing times.
+
+        RK4 with about `steps` steps over [0, times[0]], split across the intervals in proportion to their
+        length; returns [x at times[0], x at times[1], ...] in float64.
+        """
+        if any(b > a for a, b in zip(times[:-1], times[1:])) or times[-1] < 0:
+            raise ValueError(f"trajectory times must decrease and stay >= 0, got {times}")
+        out = [x.double()]
+        for a, b in zip(times[:-1], times[1:]):
+            n = max(1, round(steps * (a - b) / times[0]))
+            ta = torch.full((x.shape[0],), a, dtype=torch.float64)
+            out.append(self.ode(out[-1], ta, torch.full_like(ta, b), n))
+        return out
+
+    def component_of(self, x0: torch.Tensor) -> torch.Tensor:
+        """Most likely component of each data point (posterior argmax at t = 0): mode assignment."""
+        t = torch.zeros(x0.shape[0], dtype=torch.float64)
+        return self._posterior(x0.double().flatten(1), t)[3].argmax(1)
