@@ -1,13 +1,6 @@
 # Evaluation per run: FID (and class accuracy, FJD, KID, precision/recall) at each number of sampling steps,
 # and a grid. The embedded dataset's feature network is trained once per renderer version (deterministic)
 # before any evaluation that needs it.
-from scm.metrics import shapes_extractor_path
-
-
-def extractor_of(wildcards):
-    """The shapes feature network of this run's renderer version (data.shapes_version); none for other data."""
-    data = STUDY.config(wildcards.run).data
-    return str(shapes_extractor_path(data.shapes_version, f"{R}/artifacts")) if data.name == "shapes" else []
 
 
 rule extractor:

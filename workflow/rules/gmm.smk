@@ -1,9 +1,6 @@
 # The exact-answer study (a study with `dataset: gmm` and an `exact` section; docs/gmm-study.md).
 # One job per (row, technique) trains and scores every seed in one process (tiny runs: process start-up
 # would dominate); the learned teacher comes from the train_teacher rule. Logic lives in scm.exact.
-import json
-import shlex
-
 from scm.exact import ExactStudy
 
 EXACT = ExactStudy(config) if config["dataset"] == "gmm" and config.get("exact") else None
@@ -16,12 +13,6 @@ EXACT_OUTPUTS = (
 
 wildcard_constraints:
     job=r"(scd_exact|scd_learned|sct)-[a-z0-9_]+",
-
-
-def exact_spec(name):
-    """A step's spec (resolved run configs, evaluation settings) as one shell word: it is the rule's params,
-    so a change re-runs the step (no spec files: each would be a job of its own)."""
-    return lambda wc: shlex.quote(json.dumps(EXACT.spec(name.format(**dict(wc.items())))))
 
 
 rule exact_reference:
@@ -37,13 +28,6 @@ rule exact_reference:
         spec=exact_spec("reference"),
     shell:
         "scm exact reference --spec {params.spec} --out {output} > {log} 2>&1"
-
-
-def exact_teacher_final(wildcards):
-    """sCD from the learned teacher waits for the pipeline's teacher run."""
-    if not wildcards.job.startswith("scd_learned"):
-        return []
-    return f"{R}/runs/{EXACT.teacher_run()}/final.pt"
 
 
 rule exact_train:
@@ -94,7 +78,7 @@ rule exact_report:
     localrule: True
     params:
         spec=exact_spec("report"),
-        results=R,
+        results=lambda wc, output: Path(output.table).parents[1],
     shell:
         "scm exact report --spec {params.spec} --reference {input.reference} --metrics {input.metrics} "
         "--out {params.results} > {log} 2>&1"
