@@ -87,6 +87,19 @@ def _turn(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (1.0 - t * t) / d, 2.0 * t / d
 
 
+def _coverage(name: str, r, cx, cy, c, s, resolution: int) -> np.ndarray:
+    """Alpha (n, 1, H, W) of shape `name`: supersample centres in [-1, 1], rotated into the shape's
+    frame (cos c, sin s) around (cx, cy), hits counted per pixel."""
+    n, ss = len(cx), _SUPERSAMPLE * resolution
+    g = (2 * np.arange(ss) + 1) / ss - 1
+    dx = g[None, None, :] - cx[:, None, None]
+    dy = g[None, :, None] - cy[:, None, None]
+    c, s = c[:, None, None], s[:, None, None]
+    hit = _inside(name, c * dx + s * dy, c * dy - s * dx, r)
+    hits = hit.reshape(n, resolution, _SUPERSAMPLE, resolution, _SUPERSAMPLE).sum(axis=(2, 4))
+    return (hits / _SUPERSAMPLE**2)[:, None]
+
+
 def _draw(name: str, q: np.ndarray, resolution: int) -> np.ndarray:
     """Images (n, 3, H, W) in [0, 1] of one class from uniform parameters q (n, 18)."""
     (lo, hi), tmax, any_turn, (ex, ey) = _SHAPE_SPECS[name]
@@ -98,15 +111,7 @@ def _draw(name: str, q: np.ndarray, resolution: int) -> np.ndarray:
     if any_turn:  # the other half turn
         flip = np.where(q[:, 4] < 0.5, -1.0, 1.0)
         c, s = c * flip, s * flip
-    # Coverage: supersample centres in [-1, 1], rotate into the shape's frame, count hits per pixel.
-    n, ss = len(q), _SUPERSAMPLE * resolution
-    g = (2 * np.arange(ss) + 1) / ss - 1
-    dx = g[None, None, :] - cx[:, None, None]
-    dy = g[None, :, None] - cy[:, None, None]
-    c, s = c[:, None, None], s[:, None, None]
-    hit = _inside(name, c * dx + s * dy, c * dy - s * dx, r)
-    hits = hit.reshape(n, resolution, _SUPERSAMPLE, resolution, _SUPERSAMPLE).sum(axis=(2, 4))
-    alpha = (hits / _SUPERSAMPLE**2)[:, None]
+    alpha = _coverage(name, r, cx, cy, c, s, resolution)
     # Colours: light on dark or dark on light, so that the shape always stands out.
     dark_bg = (q[:, 5] < 0.5)[:, None]
     fg = np.where(dark_bg, 0.6, 0.0) + 0.4 * q[:, 6:9]
@@ -151,14 +156,8 @@ def _draw_v2(name: str, q: np.ndarray, resolution: int) -> np.ndarray:
     if any_turn:  # point up or down
         flip = np.where(q[:, 4] < 0.5, -1.0, 1.0)
         c, s = c * flip, s * flip
-    n, ss = len(q), _SUPERSAMPLE * resolution
-    g = (2 * np.arange(ss) + 1) / ss - 1
-    dx = g[None, None, :] - cx[:, None, None]
-    dy = g[None, :, None] - cy[:, None, None]
-    c, s = c[:, None, None], s[:, None, None]
-    hit = _inside(name, c * dx + s * dy, c * dy - s * dx, r)
-    hits = hit.reshape(n, resolution, _SUPERSAMPLE, resolution, _SUPERSAMPLE).sum(axis=(2, 4))
-    alpha = (hits / _SUPERSAMPLE**2)[:, None]
+    n = len(q)
+    alpha = _coverage(name, r, cx, cy, c, s, resolution)
     fg = _PALETTE_V2[np.minimum(np.floor(q[:, 6] * len(_PALETTE_V2)).astype(np.int64), len(_PALETTE_V2) - 1)]
     bg = np.broadcast_to(_BACKGROUND_V2[None, :, None, None], (n, 3, resolution, resolution))
     return bg * (1 - alpha) + fg[:, :, None, None] * alpha
