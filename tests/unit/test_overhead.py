@@ -1,0 +1,57 @@
+"""The pipeline-overhead breakdown (scm.overhead) on a synthetic results folder with known times."""
+
+import json
+
+import pytest
+
+from scm.cli import main
+from scm.overhead import breakdown, training_seconds
+
+HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def _bench(path, seconds):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(HEADER + f"{seconds}\t0:00:00\t1\t1\t1\t1\t0\t0\t0\t{seconds}\n")
+
+
+def _results(tmp_path):
+    res = tmp_path / "results"
+    # a run that logged 3 windows: 0.5 kimg at 20 s/kimg, 0.5 at 30, 1.0 at 10 -> 10 + 15 + 10 = 35 s of steps
+    run = res / "runs" / "teacher-tS-base-s0"
+    run.mkdir(parents=True)
+    rows = [{"step": 1, "kimg": 0.5, "sec_per_kimg": 20.0}, {"step": 2, "kimg": 1.0, "sec_per_kimg": 30.0},
+            {"step": 4, "kimg": 2.0, "sec_per_kimg": 10.0}]
+    (run / "stats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _bench(res / "benchmarks" / "train" / "teacher-tS-base-s0.tsv", 40.0)
+    # its evaluation: two entries, 3 + 1 and 2 + 2 seconds of work
+    (res / "metrics").mkdir()
+    (res / "metrics" / "teacher-tS-base-s0.json").write_text(json.dumps(
+        [{"sample_seconds": 3.0, "metric_seconds": 1.0}, {"sample_seconds": 2.0, "metric_seconds": 2.0}]))
+    _bench(res / "benchmarks" / "evaluate" / "teacher-tS-base-s0.tsv", 12.0)
+    # a config job: all overhead
+    _bench(res / "benchmarks" / "run_config" / "teacher-tS-base-s0.tsv", 0.5)
+    return res
+
+
+def test_breakdown_splits_the_wall_into_work_job_overhead_and_idle(tmp_path):
+    res = _results(tmp_path)
+    assert training_seconds(res / "runs" / "teacher-tS-base-s0") == pytest.approx(35.0)
+    b = breakdown(res, wall_s=30.0, cores=2)
+    rules = {r["rule"]: r for r in b["rules"]}
+    assert rules["train"]["work_s"] == pytest.approx(35.0) and rules["train"]["overhead_s"] == pytest.approx(5.0)
+    assert rules["evaluate"]["work_s"] == pytest.approx(8.0) and rules["run_config"]["work_s"] == 0.0
+    assert b["work_core_s"] == pytest.approx(43.0)
+    assert b["job_overhead_core_s"] == pytest.approx(52.5 - 43.0)
+    assert b["idle_core_s"] == pytest.approx(60.0 - 52.5)
+    assert b["overhead_share"] == pytest.approx(1 - 43.0 / 60.0)
+
+
+def test_cli_reads_the_wall_make_run_wrote(tmp_path, capsys):
+    res = _results(tmp_path)
+    assert main(["bench", "overhead", "--results", str(res)]) == 2
+    assert "pipeline-wall.txt" in capsys.readouterr().err
+    (res / "benchmarks" / "pipeline-wall.txt").write_text("30 s: wall time of the last complete make run\n")
+    assert main(["bench", "overhead", "--results", str(res), "--out", str(tmp_path / "o.json")]) == 0
+    assert "overhead: 28.3% of the wall clock" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o.json").read_text())["jobs"] == 3
