@@ -1,9 +1,9 @@
-"""Attention that supports forward-mode AD on the CPU (PyTorch's SDPA does not; stack-notes.md).
+"""Attention that supports forward-mode AD on the CPU (PyTorch's SDPA has no CPU forward-mode AD).
 
 Shapes: q, k, v are (B, H, N, D). Two entry points:
 - attention(q, k, v): the output; differentiable by reverse mode and usable under torch.func.jvp.
 - attention_jvp(q, k, v, tq, tk, tv): (out, t_out) for hand-propagated tangents; `out` keeps the
-  autograd graph through q, k, v, `t_out` is computed without one (method.md §3, the JVP formula).
+  autograd graph through q, k, v, `t_out` is computed without one (sCM Sec. 5.1, App. F: the JVP of attention).
 
 impl="math" materializes the N x N attention matrix; impl="blockwise" is a pure-PyTorch flash-style
 version (online softmax over key blocks) that holds at most block_size x block_size scores per
@@ -12,6 +12,8 @@ version (online softmax over key blocks) that holds at most block_size x block_s
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 
 import torch
@@ -52,7 +54,7 @@ def _t(x: torch.Tensor) -> torch.Tensor:
 
 
 def _online_pass(q, k, v, block_size, tangents=None):
-    """Forward sweep: (out, lse) and, given tangents (tq, tk, tv), also (t_out, t_lse) (method.md §3).
+    """Forward sweep: (out, lse) and, given tangents (tq, tk, tv), also (t_out, t_lse) (sCM App. F).
 
     Per query block it keeps the running max m, normalizer l = sum_j e^{s_j - m} and numerator
     sum_j e^{s_j - m} v_j; with tangents also mu = sum_j e^{s_j - m} t_s_j and
@@ -207,10 +209,31 @@ def _check_block_size(block_size: int) -> None:
 
 
 # impl="triton" is the fused Triton kernel (scm/triton_attention.py; CUDA only, block sizes its own):
-# imported only in its branch, so the CPU paths never import triton.
+# imported only in its branch, so the CPU paths never import triton. impl="auto" picks it where it applies.
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the fused kernel accepts
+
+
+@functools.lru_cache(maxsize=1)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_attention(impl: str, device_type: str, dtype: torch.dtype, triton_ok: bool) -> str:
+    """network.attention=auto: the fused Triton kernel (Sec. 5.1, App. F) on CUDA when triton is installed
+    and the dtype is one it takes (float64, e.g. the finite-difference JVP, is not), blockwise elsewhere;
+    any other choice is returned as is."""
+    if impl != "auto":
+        return impl
+    return "triton" if device_type == "cuda" and triton_ok and dtype in TRITON_DTYPES else "blockwise"
+
+
+def _resolve(impl: str, q: torch.Tensor) -> str:
+    return resolve_attention(impl, q.device.type, q.dtype, impl == "auto" and triton_installed())
 
 
 def attention(q, k, v, impl: str = "math", block_size: int = 64) -> torch.Tensor:
+    impl = _resolve(impl, q)
     if impl == "math":
         return attention_math(q, k, v)
     if impl == "blockwise":
@@ -219,10 +242,11 @@ def attention(q, k, v, impl: str = "math", block_size: int = 64) -> torch.Tensor
         from scm.triton_attention import flash_attention
 
         return flash_attention(q, k, v)
-    raise ValueError(f"network.attention: unknown implementation {impl!r}; choose math, blockwise or triton")
+    raise ValueError(f"network.attention: unknown implementation {impl!r}; choose math, blockwise, triton or auto")
 
 
 def attention_jvp(q, k, v, tq, tk, tv, impl: str = "math", block_size: int = 64):
+    impl = _resolve(impl, q)
     if impl == "math":
         return attention_math_jvp(q, k, v, tq, tk, tv)
     if impl == "blockwise":
@@ -231,4 +255,4 @@ def attention_jvp(q, k, v, tq, tk, tv, impl: str = "math", block_size: int = 64)
         from scm.triton_attention import flash_attention_jvp
 
         return flash_attention_jvp(q, k, v, tq, tk, tv)
-    raise ValueError(f"network.attention: unknown implementation {impl!r}; choose math, blockwise or triton")
+    raise ValueError(f"network.attention: unknown implementation {impl!r}; choose math, blockwise, triton or auto")

@@ -1,6 +1,6 @@
 """Exponential moving averages of the weights: by half-life, and EDM2's power function.
 
-Half-life (CIFAR-10, method.md §5): beta = 0.5 ** (batch / (halflife_kimg * 1000)), the half-life
+Half-life (the paper's CIFAR-10 runs, App. G): beta = 0.5 ** (batch / (halflife_kimg * 1000)), the half-life
 optionally ramped up as rampup x images seen. Power function (EDM2, Karras et al. 2024, Eq. 3-4):
 beta_t = (1 - 1/t) ** (gamma + 1) with t the step count and gamma chosen for a relative std sigma_rel.
 """
@@ -49,8 +49,10 @@ class EMA:
     def update(self, net: torch.nn.Module, cur_nimg: int, batch_size: int) -> float:
         """Blend the network's current weights in; cur_nimg counts images after this step."""
         beta = self.beta(cur_nimg, batch_size)
-        for p_ema, p in zip(self.model.parameters(), net.parameters(), strict=True):
-            p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - beta)
+        # One multi-tensor lerp over all parameters (the same per-tensor lerp, without a Python loop).
+        ema_params = list(self.model.parameters())
+        params = [p.detach().to(e.dtype) for e, p in zip(ema_params, net.parameters(), strict=True)]
+        torch._foreach_lerp_(ema_params, params, 1 - beta)
         for b_ema, b in zip(self.model.buffers(), net.buffers(), strict=True):
             b_ema.copy_(b)
         return beta

@@ -1,4 +1,4 @@
-"""Training objectives: the TrigFlow teacher, sCT and sCD (method.md §1-3; Lu & Song 2024, Alg. 1).
+"""Training objectives: the TrigFlow teacher, sCT and sCD (Lu & Song 2024, Sec. 3-4, Alg. 1).
 
 All three share one call signature:
 
@@ -45,7 +45,7 @@ def _unwrap(net):
 
 
 # ----------------------------------------------------------------------------
-# The teacher: v-prediction with EDM2's weighting and learned uncertainty (method.md §1).
+# The teacher: v-prediction with EDM2's weighting and learned uncertainty (sCM Sec. 3; EDM2 Sec. 5).
 
 
 class DiffusionLoss:
@@ -75,12 +75,14 @@ class Tangent:
 
 
 def jvp_tangent(net, x_t, t, dxdt, sigma_d, labels=None, guidance=None,
-                rearranged: bool = True, impl: str = "manual") -> Tangent:
+                rearranged: bool = True, impl: str = "manual", fd_step: float = LossConfig.jvp_fd_step) -> Tangent:
     """F_theta, F- and cos(t) sin(t) sigma_d dF-/dt along the PF-ODE direction dx_t/dt.
 
-    Rearranged (FP16-safe, method.md §3): tangents (cos t sin t dx_t/dt, cos t sin t sigma_d) on the
+    Rearranged (FP16-safe, sCM Sec. 5.1): tangents (cos t sin t dx_t/dt, cos t sin t sigma_d) on the
     inputs (x_t / sigma_d, t) give cos t sin t sigma_d dF/dt directly. Otherwise tangents
     (dx_t/dt / sigma_d, 1) give dF/dt, scaled afterwards.
+    impl: manual (net.forward_with_tangent), func (torch.func.jvp) or finite_difference (a central
+    difference along the same tangents, see _finite_difference_jvp; fd_step is its step h).
     """
     x_in = x_t / sigma_d
     cs = torch.cos(t) * torch.sin(t)
@@ -89,7 +91,10 @@ def jvp_tangent(net, x_t, t, dxdt, sigma_d, labels=None, guidance=None,
     else:
         tx, tt = dxdt / sigma_d, torch.ones_like(t)
     base = _unwrap(net)
-    if impl == "manual" and hasattr(base, "forward_with_tangent"):
+    if impl == "finite_difference":
+        dF = _finite_difference_jvp(base, x_in, t, tx, tt, labels, guidance, fd_step)
+        F_theta = net(x_in, t, labels, guidance)  # same RNG state as the two evaluations: same dropout masks
+    elif impl == "manual" and hasattr(base, "forward_with_tangent"):
         # One pass: the primal keeps its graph for the gradient pass; same dropout masks by construction.
         F_theta, dF = net(x_in, t, labels, guidance, tangents=(tx, tt))
     else:
@@ -102,6 +107,43 @@ def jvp_tangent(net, x_t, t, dxdt, sigma_d, labels=None, guidance=None,
     dF = dF.detach()
     cs_dF = dF if rearranged else bcast(cs, dF) * sigma_d * dF
     return Tangent(F_theta, F_theta.detach(), cs_dF)
+
+
+def _finite_difference_jvp(base, x_in, t, tx, tt, labels, guidance, h: float) -> torch.Tensor:
+    """dF-[x, t](tx, tt) ~ (F(x + h_i tx, t + h_i tt) - F(x - h_i tx, t - h_i tt)) / (2 h_i), in float64.
+
+    A JVP without forward-mode AD (any attention kernel, sharded data parallelism), standing in for the
+    exact JVP of Alg. 1: the tangent structure, hence the loss, is unchanged up to O(h^2). Per sample, h_i
+    makes the perturbation's RMS over the D + 1 inputs equal h, so the relative accuracy does not depend on
+    the tangent's scale. With the JVP rearrangement (Sec. 5.1) the tangents are (cos t sin t dx_t/dt,
+    cos t sin t sigma_d): the quotient is cos t sin t sigma_d dF-/dt itself, and the step in t shrinks
+    like cos t sin t near t = 0 and pi/2, where c_noise = log(sigma_d tan t) is steep; without it the
+    quotient is dF-/dt, scaled afterwards as for the exact JVP. Float64 throughout (autocast off): the
+    central difference's error, ~ h^2 |d^3F| + 1e-16 |F| / h, stays far below float32 rounding.
+    """
+    # Stop-gradient float64 copies, fresh for each evaluation: a training-mode forward re-normalizes the
+    # MP weights in place (EDM2's forced weight normalization), so both evaluations see the stored weights.
+    def weights():
+        out = {name: p.detach().double() for name, p in base.named_parameters()}
+        out.update({name: b.double() if b.is_floating_point() else b for name, b in base.named_buffers()})
+        return out
+
+    x64, t64 = x_in.detach().double(), t.detach().double()
+    tx64, tt64 = tx.detach().double(), tt.detach().double().expand(t64.shape)
+    rms = ((tx64.flatten(1).square().sum(1) + tt64.square()) / (tx64[0].numel() + 1)).sqrt()
+    h_i = h / rms.clamp_min(torch.finfo(torch.float64).tiny)
+    g = None if guidance is None else guidance.detach().double()
+    devices = [x_in.device] if x_in.device.type == "cuda" else []
+
+    def F_at(sign: float) -> torch.Tensor:
+        # Each evaluation starts from the caller's RNG state: the same dropout masks as F_theta.
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+                torch.autocast(x_in.device.type, enabled=False):
+            x = x64 + sign * bcast(h_i, x64) * tx64
+            return torch.func.functional_call(base, weights(), (x, t64 + sign * h_i * tt64, labels, g))
+
+    dF = (F_at(1.0) - F_at(-1.0)) / (2 * bcast(h_i, x64))
+    return dF.to(x_in.dtype)
 
 
 def normalize_tangent(g: torch.Tensor, kind: str, c: float) -> torch.Tensor:
@@ -144,7 +186,7 @@ class ConsistencyLoss:
     def __init__(self, cfg: LossConfig, sigma_d: float, teacher=None):
         self.cfg, self.sigma_d, self.teacher = cfg, sigma_d, teacher
 
-    # Guidance scale per sample, s ~ U[guidance_min, guidance_max] (CFG distillation, method.md §5).
+    # Guidance scale per sample, s ~ U[guidance_min, guidance_max] (CFG distillation, sCM App. G).
     def _guidance(self, x0):
         lo, hi = self.cfg.guidance_min, self.cfg.guidance_max
         if self.teacher is None or (hi <= 1.0 and lo >= 1.0):
@@ -174,7 +216,8 @@ class ConsistencyLoss:
         dxdt = self.dxdt(x0, z, x_t, t, labels, guidance)
         r = warmup_ratio(cfg, step)
         if cfg.time == "continuous":
-            tan = jvp_tangent(net, x_t, t, dxdt, sigma_d, labels, guidance, cfg.jvp_rearrangement, cfg.jvp_impl)
+            tan = jvp_tangent(net, x_t, t, dxdt, sigma_d, labels, guidance, cfg.jvp_rearrangement, cfg.jvp_impl,
+                              cfg.jvp_fd_step)
             g = continuous_g(x_t, t, dxdt, tan, sigma_d, r)
         else:
             tan, g = self._discrete(net, x0, z, x_t, t, dxdt, labels, guidance)

@@ -1,6 +1,6 @@
 """EDM2's magnitude-preserving U-Net (Karras et al. 2024) with the sCM changes (Lu & Song 2024).
 
-The network takes x = x_t / sigma_d and TrigFlow time t and returns F_theta (method.md §1); it applies
+The network takes x = x_t / sigma_d and TrigFlow time t and returns F_theta (sCM Sec. 3); it applies
 c_noise(t) itself, so a JVP w.r.t. t includes d c_noise / dt.
 
 Every layer maps a pair (y, ty): a value and, optionally, its tangent. forward() runs the pairs with
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scm.attention import attention, attention_jvp
+from scm.attention import attention, attention_jvp, resolve_attention, triton_installed
 from scm.config import PRESETS, SIZES, DataConfig, NetworkConfig, resolve
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,12 @@ def normalize(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return x / (eps + norm * math.sqrt(norm.numel() / x.numel()))
 
 
+def normalize_(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """normalize(x) written into x (the same operations in the same order, without a temporary)."""
+    norm = torch.linalg.vector_norm(x, dim=list(range(1, x.ndim)), keepdim=True)
+    return x.div_(norm.mul_(math.sqrt(norm.numel() / x.numel())).add_(eps))
+
+
 def pixel_norm(x, tx, dim: int = 1, eps: float = 1e-4):
     """EDM2's normalize over one dim; JVP: (tx - y dr) / n with r = ||x|| / sqrt(size), dr = <x, tx> / (size r)."""
     size = x.shape[dim]
@@ -61,14 +67,18 @@ def pixel_norm(x, tx, dim: int = 1, eps: float = 1e-4):
 
 def group_norm(x, tx, groups: int, eps: float = 1e-5):
     """Group norm without affine parameters; JVP: (tx - mean(tx) - y mean(y tx)) / sigma per group."""
-    y = F.group_norm(x, groups, eps=eps)
     if tx is None:
-        return y, None
+        return F.group_norm(x, groups, eps=eps), None
+    B, C = x.shape[:2]
+    if torch.is_autocast_enabled(x.device.type):  # autocast runs group_norm in float32: keep its dispatch
+        y = F.group_norm(x, groups, eps=eps)
+        with torch.no_grad():
+            rstd = (x.reshape(B, groups, -1).var(-1, unbiased=False) + eps).rsqrt()
+    else:  # the forward's 1 / sigma per group (rstd) serves the tangent: no second pass over x
+        y, _, rstd = torch.ops.aten.native_group_norm(x, None, None, B, C, x[0, 0].numel(), groups, eps)
     with torch.no_grad():
-        B = x.shape[0]
-        sigma = (x.reshape(B, groups, -1).var(-1, unbiased=False, keepdim=True) + eps).sqrt()
         yg, tg = y.reshape(B, groups, -1), tx.reshape(B, groups, -1)
-        ty = (tg - tg.mean(-1, keepdim=True) - yg * (yg * tg).mean(-1, keepdim=True)) / sigma
+        ty = (tg - tg.mean(-1, keepdim=True) - yg * (yg * tg).mean(-1, keepdim=True)) * rstd[..., None]
         return y, ty.reshape(x.shape)
 
 
@@ -78,6 +88,8 @@ def mp_silu(x, tx):
     if tx is None:
         return y, None
     with torch.no_grad():
+        if tx.dtype == x.dtype:  # aten's silu_backward computes tx * silu'(x) in one kernel
+            return y, torch.ops.aten.silu_backward(tx, x) / 0.596
         s = torch.sigmoid(x)
         return y, tx * (s * (1 + x * (1 - s)) / 0.596)
 
@@ -127,6 +139,22 @@ class MPConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel: int | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *([kernel] * 2 if kernel else [])))
+        self._unit = None  # (weight, its version and storage, normalize(weight)): see _normalized
+
+    def _normalized(self) -> torch.Tensor:
+        """normalize(weight), computed once while the weight is unchanged when no graph is needed (eval and
+        no_grad: the sCD teacher, sampling); keyed on the tensor, its in-place version and its storage. CPU
+        only: the per-op overhead it saves matters there, while on a GPU a second copy of an XXL teacher's
+        weights (6 GB) would not pay for itself."""
+        w = self.weight
+        if (self.training or torch.is_grad_enabled() or w.device.type != "cpu"
+                or torch._C._are_functorch_transforms_active()):
+            self._unit = None
+            return normalize(w)
+        key = (w._version, w.data_ptr(), w.dtype)
+        if self._unit is None or self._unit[0] is not w or self._unit[1] != key:
+            self._unit = (w, key, normalize(w))
+        return self._unit[2]
 
     def _op(self, x, w):
         return x @ w.t() if w.ndim == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
@@ -139,9 +167,9 @@ class MPConv(nn.Module):
         # step). Skipped inside torch.func transforms (they forbid mutating captured tensors); F is unaffected.
         if self.training and not torch._C._are_functorch_transforms_active():
             with torch.no_grad():
-                self.weight.data.copy_(normalize(self.weight))
+                normalize_(self.weight.data)
         # Unit-norm filters scaled by 1/sqrt(fan_in): magnitude-preserving for unit-variance inputs.
-        w = (normalize(self.weight) * (gain / math.sqrt(self.weight[0].numel()))).to(x.dtype)
+        w = (self._normalized() * (gain / math.sqrt(self.weight[0].numel()))).to(x.dtype)
         y = self._op(x, w)
         if tx is None:
             return y, None
@@ -221,11 +249,17 @@ class Block(nn.Module):
             S = 1 + s
             B, tB = self.emb_linear_shift(e, te, gain=self.shift_gain) if self.modulation == "plain" else (0, 0)
         per_channel = lambda z: z[:, :, None, None] if torch.is_tensor(z) else z
-        out = y * per_channel(S) + per_channel(B)
+        if not torch.is_tensor(B):  # edm2: no shift
+            out = y * per_channel(S)
+            if ty is None:
+                return out, None
+            with torch.no_grad():  # product rule: d(y S) = ty S + y dS
+                return out, torch.addcmul(ty * per_channel(S), y, per_channel(tS))
+        out = torch.addcmul(per_channel(B), y, per_channel(S))  # y S + B in one kernel
         if ty is None:
             return out, None
         with torch.no_grad():  # product rule: d(y S + B) = ty S + y dS + dB
-            return out, ty * per_channel(S) + y * per_channel(tS) + per_channel(tB)
+            return out, torch.addcmul(torch.addcmul(per_channel(tB), y, per_channel(tS)), ty, per_channel(S))
 
     def _attention(self, x, tx):
         """Self-attention with pixel-normalized q, k, v per head (EDM2); tangents through attention_jvp."""
@@ -267,7 +301,14 @@ class Block(nn.Module):
             y, ty = self._attention(x, tx)
             x, tx = mp_sum(x, y, self.attn_balance), tangent(mp_sum, tx, ty, t=self.attn_balance)
 
-        # Clip activations (EDM2: guards against rare fp16 overflow); the tangent is zero where clipped.
+        # Clip activations (EDM2: guards against rare fp16 overflow); the tangent is zero where clipped. On the
+        # CPU, when no activation exceeds the bound, clamp is the identity (gradient 1, tangent unchanged) and is
+        # skipped, with its backward and the tangent's mask (a GPU would have to synchronize for the check).
+        if (x.device.type == "cpu" and not torch._C._are_functorch_transforms_active()
+                and not torch.compiler.is_compiling()):  # a compiled graph fuses the clamp instead
+            lo, hi = torch.aminmax(x.detach())
+            if -self.clip_act <= lo.item() and hi.item() <= self.clip_act:
+                return x, tx
         tx = tangent(lambda z: z * (x.abs() <= self.clip_act), tx)
         return x.clamp(-self.clip_act, self.clip_act), tx
 
@@ -277,7 +318,7 @@ class Block(nn.Module):
 
 
 class SCMUNet(nn.Module):
-    """F_theta(x_t / sigma_d, t): EDM2's U-Net with the sCM switches of NetworkConfig (method.md §3, §6).
+    """F_theta(x_t / sigma_d, t): EDM2's U-Net with the sCM switches of NetworkConfig (sCM Sec. 4.1).
 
     modulation: NetworkConfig.adagn ("double" | "plain"), or "edm2" (EDM2's scale-only modulation without
     group norm; used to check the parameter counts against EDM2's).
@@ -420,11 +461,25 @@ class SCMUNet(nn.Module):
 # Construction and parameter counts.
 
 
-def build_network(net_cfg: NetworkConfig, data_cfg: DataConfig, sigma_d: float) -> SCMUNet:
-    """The U-Net for a dataset: resolution, channels and label_dim come from data_cfg."""
+_LOGGED_ATTENTION: set = set()
+
+
+def build_network(net_cfg: NetworkConfig, data_cfg: DataConfig, sigma_d: float, device=None) -> SCMUNet:
+    """The U-Net for a dataset: resolution, channels and label_dim come from data_cfg.
+
+    device: where it will run (None: CUDA if available, else the CPU), for the log line of attention=auto.
+    """
     net = SCMUNet(net_cfg, data_cfg.resolution, data_cfg.channels, data_cfg.label_dim, sigma_d)
     log.debug("SCMUNet for %s: %d channels, %.3f M parameters", data_cfg.name, net_cfg.model_channels,
               sum(p.numel() for p in net.parameters()) / 1e6)
+    # attention=auto resolves per call (device and dtype of q); say once per process what it picks here.
+    if net_cfg.attention == "auto":
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                           else "cpu")
+        impl = resolve_attention("auto", dev.type, torch.float32, triton_installed())
+        if (dev.type, impl) not in _LOGGED_ATTENTION:
+            _LOGGED_ATTENTION.add((dev.type, impl))
+            log.info("network.attention=auto: %s attention on %s", impl, dev.type)
     return net
 
 

@@ -158,3 +158,41 @@ def test_blockwise_never_allocates_n_by_n():
     }
     for name, fn in runs.items():
         assert largest_allocation_bytes(fn) <= bound, name
+
+
+# ----------------------------------------------------------------------------
+# network.attention=auto: the fused Triton kernel on CUDA where it applies, blockwise elsewhere.
+
+
+@pytest.mark.parametrize("device_type,dtype,triton_ok,expected", [
+    ("cuda", torch.float32, True, "triton"), ("cuda", torch.bfloat16, True, "triton"),
+    ("cuda", torch.float16, True, "triton"),
+    ("cuda", torch.float64, True, "blockwise"),  # the kernel takes no float64 (finite-difference JVP)
+    ("cuda", torch.bfloat16, False, "blockwise"),  # triton not installed
+    ("cpu", torch.float32, True, "blockwise"), ("cpu", torch.bfloat16, False, "blockwise"),
+])
+def test_auto_resolution(device_type, dtype, triton_ok, expected):
+    from scm.attention import resolve_attention
+
+    assert resolve_attention("auto", device_type, dtype, triton_ok) == expected
+    for impl in ("math", "blockwise", "triton"):  # explicit choices are never changed
+        assert resolve_attention(impl, device_type, dtype, triton_ok) == impl
+
+
+def test_auto_is_blockwise_on_cpu_and_logged_at_network_build(caplog):
+    import logging
+
+    from scm import networks
+    from scm.config import resolve
+
+    q, k, v, tq, tk, tv = _inputs()
+    assert torch.equal(attention(q, k, v, "auto", 16), attention(q, k, v, "blockwise", 16))
+    auto, blockwise = (attention_jvp(q, k, v, tq, tk, tv, impl, 16) for impl in ("auto", "blockwise"))
+    assert all(torch.equal(a, b) for a, b in zip(auto, blockwise, strict=True))
+    cfg = resolve("shapes", "tS", "teacher", {"network.attention": "auto"})
+    networks._LOGGED_ATTENTION.clear()
+    with caplog.at_level(logging.INFO, logger="scm.networks"):
+        networks.build_network(cfg.network, cfg.data, cfg.sigma_d, device="cpu")
+        networks.build_network(cfg.network, cfg.data, cfg.sigma_d, device="cpu")
+    lines = [r.getMessage() for r in caplog.records if "network.attention=auto" in r.getMessage()]
+    assert lines == ["network.attention=auto: blockwise attention on cpu"]  # once per process

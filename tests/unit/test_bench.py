@@ -47,7 +47,8 @@ def test_step_peak_memory_in_a_subprocess():
 def test_jvp_benchmark_and_ratios():
     rows = B.jvp_benchmark(["tS"], batch=2, repeats=1, warmup=0)
     assert [r.method for r in rows] == list(B.JVP_METHODS)
-    assert set(B.jvp_ratios(rows)["tS"]) == {"forward_with_tangent/forward", "func.jvp/forward"}
+    assert set(B.jvp_ratios(rows)["tS"]) == {"forward_with_tangent/forward", "func.jvp/forward",
+                                             "finite_difference/forward"}
 
 
 def test_attention_benchmark_memory_ratio(tmp_path):
@@ -86,9 +87,14 @@ def test_dag_benchmark_failure_is_an_error(tmp_path):
         B.dag_benchmark("c.yaml", "p", repeats=1, snakemake=fake, cwd=tmp_path)
 
 
-def test_slurm_latency_skipped_when_cluster_down(tmp_path):
-    row = B.slurm_latency_benchmark(tmp_path / "jobs", cluster_script=_script(tmp_path / "c.sh", "exit 1"))
-    assert row.median_s is None and "skipped" in row.note
+def test_slurm_latency_skipped_when_cluster_down(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    _script(tmp_path / "bin" / "sinfo", "exit 1")  # a SLURM client whose controller does not answer
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    row = B.slurm_latency_benchmark(tmp_path / "jobs")
+    assert row.median_s is None and "no SLURM controller answers sinfo" in row.note
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert "sinfo not on PATH" in B.slurm_latency_benchmark(tmp_path / "jobs").note
     assert B.plot_orchestration([row], tmp_path / "o.png").exists()
 
 
@@ -108,12 +114,13 @@ def test_cli_step_attention_sampling(tmp_path, capsys):
     assert {r["sampler"] for r in _csv(out / "sampling.csv")} == {"cm", "euler", "dpm2s"}
 
 
-def test_cli_orchestration_with_fake_tools(tmp_path, capsys):
+def test_cli_orchestration_with_fake_tools(tmp_path, capsys, monkeypatch):
     fake = _script(tmp_path / "snakemake", "exit 0")
-    down = _script(tmp_path / "cluster.sh", "exit 1")
+    (tmp_path / "bin").mkdir()
+    _script(tmp_path / "bin" / "sinfo", "exit 1")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
     out = tmp_path / "orc.csv"
-    assert main(["bench", "orchestration", "--snakemake", fake, "--repeats", "1", "--cluster-script", down,
-                 "--out", str(out)]) == 0
+    assert main(["bench", "orchestration", "--snakemake", fake, "--repeats", "1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "imagenet512 DAG:" in text and "(target <= 5)" in text and "skipped" in text
     assert [r["what"] for r in _csv(out)] == ["dag_imagenet512", "slurm_submit_to_start"]

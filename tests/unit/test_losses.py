@@ -202,3 +202,69 @@ def test_cfg_teacher_mix():
     v = loss.teacher_velocity(x, torch.ones(4), torch.zeros(4, dtype=torch.long), s)
     assert torch.allclose(v[:, 0], SD * s)  # F_u + s (F_c - F_u) with F_u = 0, F_c = 1
     assert loss._guidance(x).min() >= 1.0
+
+
+# ----------------------------------------------------------------------------
+# The finite-difference JVP engine against the exact JVP on the U-Net (tS, dropout on, training mode).
+
+
+def _unet(seed=0, dtype=torch.float64, dropout=0.1):
+    """The 'shapes' tS U-Net in training mode; its zero-initialized gains set to 0.7 (else F = 0)."""
+    from scm.config import resolve
+    from scm.networks import build_network
+
+    cfg = resolve("shapes", "tS", "scd", {"network.dropout": dropout})
+    torch.manual_seed(seed)
+    net = build_network(cfg.network, cfg.data, SD).to(dtype).train()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(0.7)
+    return net
+
+
+def _unet_inputs(dtype=torch.float64, B=2):
+    g = torch.Generator().manual_seed(1)
+    x_t = (torch.randn(B, 3, 16, 16, generator=g) * 0.8).to(dtype)
+    dxdt = (torch.randn(B, 3, 16, 16, generator=g) * 0.5).to(dtype)
+    return x_t, torch.linspace(0.3, 1.2, B, dtype=dtype), dxdt, torch.arange(B) % 8
+
+
+@pytest.mark.parametrize("rearranged", [True, False])
+def test_finite_difference_jvp_is_second_order_in_the_step(rearranged):
+    torch.set_num_threads(1)
+    net = _unet()
+    x_t, t, dxdt, labels = _unet_inputs()
+
+    def cs_dF(impl, h=1e-5):
+        torch.manual_seed(5)  # the same dropout masks for every engine
+        return jvp_tangent(net, x_t, t, dxdt, SD, labels, None, rearranged, impl, fd_step=h).cs_dF
+
+    exact = cs_dF("manual")
+    assert (cs_dF("func") - exact).norm() / exact.norm() < 1e-12  # the two exact engines agree
+    steps = torch.tensor([0.08, 0.04, 0.02, 0.01], dtype=torch.float64)
+    errs = torch.stack([(cs_dF("finite_difference", h.item()) - exact).norm() / exact.norm() for h in steps])
+    # central difference: error ~ C h^2 until round-off; least-squares slope of log(err) against log(h)
+    lh, le = steps.log(), errs.log()
+    slope = ((lh - lh.mean()) * (le - le.mean())).sum() / ((lh - lh.mean()) ** 2).sum()
+    assert abs(slope.item() - 2.0) < 0.1, (slope, errs)
+    # the default step (~ cbrt of float64's epsilon) is below float32 rounding
+    assert (cs_dF("finite_difference") - exact).norm() / exact.norm() < 1e-8
+
+
+def test_finite_difference_scd_loss_and_gradient_match_manual():
+    torch.set_num_threads(1)
+    net, teacher = _unet(0, torch.float32), _unet(1, torch.float32).eval().requires_grad_(False)
+    x0 = _unet_inputs(torch.float32, B=4)[0] * SD
+    labels = torch.arange(4) % 8
+
+    def loss_and_grad(impl):
+        cfg = LossConfig(jvp_impl=impl, tangent_warmup=False)
+        torch.manual_seed(3)  # the same t, z and dropout masks for both engines
+        loss, _ = ConsistencyLoss(cfg, SD, teacher)(net, x0, labels)
+        grads = torch.autograd.grad(loss.mean(), list(net.parameters()), allow_unused=True)
+        return loss.detach(), torch.cat([g.flatten() for g in grads if g is not None])
+
+    (loss_m, grad_m), (loss_fd, grad_fd) = loss_and_grad("manual"), loss_and_grad("finite_difference")
+    assert torch.allclose(loss_fd, loss_m, rtol=1e-5, atol=1e-7)
+    assert (grad_fd - grad_m).norm() / grad_m.norm() < 2e-5  # a step of 0.1 gives 1e-4

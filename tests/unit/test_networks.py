@@ -8,7 +8,7 @@ import torch
 from scm.config import CPU_SIZES, PAPER_SIZES, PRESETS, SIZES, resolve
 from scm.networks import build_network, count_parameters, size_table
 
-# EDM2's published sizes (method.md §6; Karras et al. 2024, Table 2), in millions: the independent reference.
+# EDM2's published sizes (Karras et al. 2024, Table 2), in millions: the independent reference.
 EDM2_PARAMS_M = {"S": 280.2, "M": 497.8, "L": 777.6, "XL": 1119.4, "XXL": 1523.4}
 
 # The variants of the sCM switches that a JVP must go through (c_noise and time embedding change d emb/dt).
