@@ -2,7 +2,7 @@
 
 For a mixture the PF-ODE velocity is known in closed form (scm.gmm), so the exact consistency function
 Phi(x_T) = f*(x_T, T) is an accurate ODE solve away (Lu & Song 2024, Sec. 3-4; Eq. 7's f*). This module
-holds what the study needs beyond the training loop:
+holds the exact answers the study scores against:
 
 - the exact teacher: F_teacher = E[v_t | x_t] / sigma_d, a network without weights (sCD from a perfect
   teacher; `run.teacher_run_dir = "exact:data"`);
@@ -10,15 +10,11 @@ holds what the study needs beyond the training loop:
   samples for the distribution metrics and their floors;
 - the exact metrics: one-step error ||f_theta(x_t, t) - Phi||, 2-step sliced Wasserstein distance, mode
   coverage (recovered mixture weights);
-- the study grid (rows x techniques x seeds, decided up front from the study config) and one job that
-  trains and scores every seed of one technique in one process (tiny runs: the process start dominates).
-
-Tables and figures are in scm.exact_report.
+The study grid and its jobs are in scm.exact_study; tables and figures in scm.exact_report.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -28,7 +24,6 @@ import torch
 
 from scm import config as C
 from scm.gmm import GaussianMixture
-from scm.samplers import consistency_sample
 from scm.trigflow import consistency_fn, sigma_to_t
 
 log = logging.getLogger(__name__)
@@ -44,8 +39,9 @@ def mixture_of(cfg: C.Config) -> GaussianMixture:
     """The mixture a 'gmm' run trains on (the same parameters as scm.data.GMMDataset)."""
     if cfg.data.name != "gmm":
         raise C.ConfigError(f"data.name: the exact teacher needs data.name='gmm', got {cfg.data.name!r}")
-    dim = cfg.data.channels * cfg.data.resolution**2
-    return GaussianMixture.for_data(cfg.data.gmm_components, dim, cfg.data.gmm_seed, cfg.sigma_d)
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    return GaussianMixture.for_data(cfg.data.gmm_components, math.prod(shape), cfg.data.gmm_seed, cfg.sigma_d,
+                                    shape, cfg.data.gmm_mean_resolution)
 
 
 class ExactVelocityNet(torch.nn.Module):
@@ -160,44 +156,49 @@ def coverage_tv(mixture: GaussianMixture, x: torch.Tensor) -> float:
 
 
 def floors(mixture: GaussianMixture, ref: dict, projections: int = 256) -> dict[str, float]:
-    """What the metrics give without any model error: true vs true samples, and the 1-step baselines."""
+    """What the metrics give without any model error: true vs true samples, and the 1-step baselines
+    (one Euler step, the identity map, and the data mean for every noise: what a CM computes at init,
+    F = 0 giving f = cos(T) x_T ~ 0)."""
     T = ref["times"][0]
     x_T = ref["states"][0]
+    data_mean = (mixture.weights @ mixture.means).expand_as(ref["target"])
     return {"sw_floor": sliced_wasserstein(ref["data_b"], ref["data_a"], projections),
             "tv_floor": coverage_tv(mixture, ref["data_b"]),
             "err_euler": mean_error(euler_one_step(mixture, x_T, T), ref["target"]),
-            "err_identity": mean_error(x_T, ref["target"])}
+            "err_identity": mean_error(x_T, ref["target"]),
+            "err_mean": mean_error(data_mean, ref["target"])}
+
+
+def _consistency(net, x_t: torch.Tensor, t: float, sigma_d: float, shape) -> torch.Tensor:
+    """f_theta(x_t, t) = cos t x_t - sin t sigma_d F_theta(x_t / sigma_d, t) (TrigFlow, Sec. 3), float64 (B, D)."""
+    dtype = _dtype_of(net)
+    x = x_t.to(dtype).reshape(-1, *shape)
+    tt = torch.full((x.shape[0],), float(t), dtype=dtype)
+    return consistency_fn(x, tt, net(x / sigma_d, tt, None, None), sigma_d).double().flatten(1)
 
 
 @torch.no_grad()
-def one_step_errors(net, ref: dict, sigma_d: float, num: int | None = None) -> list[float]:
-    """Mean ||f_theta(x_t, t) - Phi|| at every reference time, x_t on the exact ODE path of the same noise."""
+def one_step_errors(net, ref: dict, sigma_d: float, num: int | None = None, times: int | None = None) -> list[float]:
+    """Mean ||f_theta(x_t, t) - Phi|| at the reference times (the first `times` of them; all by default),
+    x_t on the exact ODE path of the same noise, over the first `num` noises (all by default)."""
     shape = _shape_of(net, ref)
-    dtype = _dtype_of(net)
-    out = []
-    for i, t in enumerate(ref["times"]):
-        x_t = ref["states"][i][:num].to(dtype).reshape(-1, *shape)
-        tt = torch.full((x_t.shape[0],), float(t), dtype=dtype)
-        f = consistency_fn(x_t, tt, net(x_t / sigma_d, tt, None, None), sigma_d)
-        out.append(mean_error(f, ref["target"][:num]))
-    return out
+    return [mean_error(_consistency(net, ref["states"][i][:num], t, sigma_d, shape), ref["target"][:num])
+            for i, t in enumerate(ref["times"][:times])]
 
 
 @torch.no_grad()
 def evaluate(net, mixture: GaussianMixture, ref: dict, sigma_d: float, projections: int = 256,
              t_mid: float = 1.1) -> dict[str, Any]:
     """Every exact metric of one network, from the reference's fixed noises (deterministic)."""
-    shape, dtype = _shape_of(net, ref), _dtype_of(net)
-    errs = one_step_errors(net, ref, sigma_d)
-    T = ref["times"][0]
-    z = ref["noise"].to(dtype).reshape(-1, *shape)
-    # 1 step: f(sigma_d z, T); 2 steps through t_mid = 1.1 with the fixed second noise z' (Sec. 5.2).
-    one, _ = consistency_sample(net, z, sigma_d, times=[T])
-    x0 = one.double().flatten(1)
+    shape = _shape_of(net, ref)
+    # 1 step: f(sigma_d z, T) (Sec. 5.2), the same network call as the one-step error at T (x_T = sigma_d z)
+    x0 = _consistency(net, ref["states"][0], ref["times"][0], sigma_d, shape)
+    errs = [mean_error(x0, ref["target"])]
+    errs += [mean_error(_consistency(net, ref["states"][i], t, sigma_d, shape), ref["target"])
+             for i, t in enumerate(ref["times"]) if i > 0]
+    # 2 steps through t_mid = 1.1 with the fixed second noise z' (Sec. 5.2)
     x_mid = math.cos(t_mid) * x0 + math.sin(t_mid) * sigma_d * ref["noise2"]
-    tt = torch.full((x0.shape[0],), t_mid, dtype=dtype)
-    x_mid = x_mid.to(dtype).reshape(-1, *shape)
-    two = consistency_fn(x_mid, tt, net(x_mid / sigma_d, tt, None, None), sigma_d).double().flatten(1)
+    two = _consistency(net, x_mid, t_mid, sigma_d, shape)
     return {"times": list(ref["times"]), "err": errs, "err_T": errs[0],
             "sw_1step": sliced_wasserstein(x0, ref["data_a"], projections),
             "sw_2step": sliced_wasserstein(two, ref["data_a"], projections),
@@ -225,177 +226,6 @@ def load_reference(path: str | Path) -> dict:
     from scm.checkpoint import load_checkpoint
 
     return load_checkpoint(Path(path))
-
-
-# ----------------------------------------------------------------------------
-# The study grid: rows (what is distilled or trained from what) x techniques x seeds.
-#   scd_exact    sCD from the exact velocity (the ablation row: full recipe + one run per ablation file)
-#   scd_learned  sCD from a TrigFlow teacher trained by the pipeline (initialized from its EMA weights)
-#   sct          sCT from the data
-
-
-ROWS = {"scd_exact": "scd", "scd_learned": "scd", "sct": "sct"}
-
-
-class ExactStudy:
-    """The jobs of an exact study (the study config Snakemake loads), decided up front.
-
-    A job is one (row, technique): every seed trains and is scored in one process.
-    """
-
-    def __init__(self, config: dict[str, Any], root: str | Path = "."):
-        from scm.study import load_ablation
-
-        self.cfg = config
-        self.results = Path(config.get("results", "results"))
-        self.exact = config.get("exact", {}) or {}
-        ab = config.get("ablations", {}) or {}
-        self.size = ab.get("size", config["sizes"][0])
-        folder = Path(root) / ab.get("dir", "ablations")
-        files = sorted(p.stem for p in folder.glob("*.yaml"))
-        names = files if ab.get("names") is None else list(ab["names"])
-        self.skip = {k: v for k, v in (self.exact.get("skip", {}) or {}).items() if k in names or k not in files}
-        unknown = sorted(set(self.skip) - set(files))
-        if unknown:
-            raise C.ConfigError(f"exact.skip: {unknown} are not ablation files in {folder}")
-        self.ablations = {n: load_ablation(folder / f"{n}.yaml") for n in names if n not in self.skip}
-        self.rows = list(self.exact.get("rows", list(ROWS)))
-        bad = [r for r in self.rows if r not in ROWS]
-        if bad:
-            raise C.ConfigError(f"exact.rows: unknown {bad}; choose from {list(ROWS)}")
-        self.seeds = [int(s) for s in config.get("seeds", [0])]
-        self.ablation_seeds = [int(s) for s in ab.get("seeds", self.seeds)]
-
-    def jobs(self) -> list[tuple[str, str]]:
-        """(row, technique): every row with the full recipe, then the ablation row's techniques."""
-        return [(row, "full") for row in self.rows] + [("scd_exact", name) for name in self.ablations]
-
-    def job_name(self, row: str, technique: str) -> str:
-        return f"{row}-{technique}"
-
-    def seeds_of(self, row: str) -> list[int]:
-        return self.ablation_seeds if row == "scd_exact" else self.seeds
-
-    def teacher_run(self) -> str:
-        """Run id of the learned teacher (trained by the pipeline's own train rule, scm.study's naming)."""
-        from scm.study import Run
-
-        return Run("teacher", self.size, "base", int(self.cfg.get("teacher_seed", 0))).run_id
-
-    def run_dir(self, run_id: str) -> Path:
-        return self.results / "runs" / run_id
-
-    def overrides(self, row: str, technique: str, seed: int) -> dict[str, Any]:
-        """Study-wide, then the method's, the ablation grid's, the row's, then the ablation file's overrides."""
-        method = ROWS[row]
-        out: dict[str, Any] = {}
-        out.update(C.flatten(self.cfg.get("overrides", {}) or {}))
-        out.update(C.flatten((self.cfg.get("method_overrides", {}) or {}).get(method, {}) or {}))
-        if row == "scd_exact":
-            out.update(C.flatten((self.cfg.get("ablations", {}) or {}).get("overrides", {}) or {}))
-        out.update(C.flatten((self.exact.get("row_overrides", {}) or {}).get(row, {}) or {}))
-        if technique != "full":
-            out.update(self.ablations[technique])
-        out["run.seed"] = seed
-        if row == "scd_exact":
-            out["run.teacher_run_dir"] = EXACT_PREFIX + "data"
-        elif row == "scd_learned":
-            out["run.teacher_run_dir"] = str(self.run_dir(self.teacher_run()))
-        return out
-
-    def run_config(self, row: str, technique: str, seed: int) -> C.Config:
-        cfg = C.resolve(self.cfg["dataset"], self.size, ROWS[row], self.overrides(row, technique, seed))
-        # error-vs-iterations curves: the EMA network is scored `curve_points` times during training
-        cfg.run.eval_kimg = cfg.run.total_kimg / int(self.exact.get("curve_points", 10))
-        return cfg
-
-    def job(self, row: str, technique: str) -> dict[str, Any]:
-        """What `scm exact train` needs: every seed's run id, run directory and resolved config."""
-        runs = []
-        for seed in self.seeds_of(row):
-            run_id = f"{self.job_name(row, technique)}-s{seed}"
-            runs.append({"run_id": run_id, "seed": seed, "run_dir": str(self.run_dir(run_id)),
-                         "config": C.to_dict(self.run_config(row, technique, seed))})
-        return {"row": row, "technique": technique, "runs": runs,
-                "curve_noises": int(self.exact.get("curve_noises", 256)),
-                "sw_projections": int(self.exact.get("sw_projections", 256))}
-
-    def reference_spec(self) -> dict[str, Any]:
-        cfg = self.run_config("scd_exact", "full", 0)
-        T = t_max(cfg.sigma_d, cfg.sampler.sigma_max)
-        return {"data": C.to_dict(cfg)["data"], "sigma_d": cfg.sigma_d,
-                "times": [T] + [float(t) for t in self.exact.get("eval_times", [1.1, 0.6, 0.2])],
-                "num": int(self.exact.get("eval_noises", 1024)), "seed": int(self.exact.get("eval_seed", 0)),
-                "ode_steps": int(self.exact.get("ode_steps", 400)),
-                "sw_projections": int(self.exact.get("sw_projections", 256))}
-
-    def map2d_spec(self) -> dict[str, Any]:
-        """The 2-D variant: the full recipe (sCD, exact teacher) on a 2-D mixture, data shape (2, 1, 1)."""
-        m2 = self.exact.get("map2d", {}) or {}
-        ov = self.overrides("scd_exact", "full", 0)
-        ov.update({"data.resolution": 1, "data.channels": 2, "data.gmm_components": int(m2.get("components", 5)),
-                   "data.gmm_seed": int(m2.get("seed", 0)), "network.channel_mult": [1],
-                   "network.attn_resolutions": [1], "run.total_kimg": float(m2.get("total_kimg", 9.6))})
-        cfg = C.resolve(self.cfg["dataset"], self.size, "scd", ov)
-        return {"config": C.to_dict(cfg), "run_dir": str(self.run_dir("map2d-scd_exact-full-s0")),
-                "points": int(m2.get("points", 300)), "ode_steps": int(self.exact.get("ode_steps", 400)), "seed": 0}
-
-    def report_spec(self) -> dict[str, Any]:
-        return {"study": self.cfg.get("study", "gmm"), "skip": self.skip,
-                "jobs": [self.job_name(r, t) for r, t in self.jobs()]}
-
-    def spec(self, name: str) -> dict[str, Any]:
-        """The spec of a pipeline step, passed inline by its rule: 'reference', 'map2d', 'report' or
-        'job-<row>-<technique>'."""
-        if name == "reference":
-            return self.reference_spec()
-        if name == "map2d":
-            return self.map2d_spec()
-        if name == "report":
-            return self.report_spec()
-        for row, technique in self.jobs():
-            if name == "job-" + self.job_name(row, technique):
-                return self.job(row, technique)
-        raise C.ConfigError(f"exact study: no step {name!r}; jobs: {[self.job_name(*j) for j in self.jobs()]}")
-
-
-# ----------------------------------------------------------------------------
-# One job: train every seed of one (row, technique) with the project's loop, then score it.
-
-
-def run_job(job: dict[str, Any], ref: dict) -> dict[str, Any]:
-    """Train (or resume; a finished run returns at once) and score every run of a job.
-
-    The EMA network is scored on the first `curve_noises` reference noises every run.eval_kimg (the
-    error-vs-iterations curve, kept in the run directory as exact_curve.json), the final EMA network
-    on every metric.
-    """
-    from scm.checkpoint import atomic_write_json
-    from scm.train import load_final, train
-
-    out = []
-    for run in job["runs"]:
-        cfg = C.from_dict(run["config"])
-        run_dir = Path(run["run_dir"])
-        mixture = mixture_of(cfg)
-        curve: list[dict] = []
-
-        def on_eval(step, kimg, ema_model, cfg=cfg, curve=curve):
-            err = one_step_errors(ema_model, ref, cfg.sigma_d, num=job["curve_noises"])
-            curve.append({"step": step, "kimg": kimg, "err": err})
-
-        status = train(cfg, run_dir, on_config_change="restart", on_eval=on_eval)
-        curve_path = run_dir / "exact_curve.json"
-        if curve:
-            atomic_write_json(curve_path, curve)
-        elif curve_path.exists():  # finished earlier: its curve was kept
-            curve = json.loads(curve_path.read_text())
-        net, _ = load_final(run_dir, "ema")
-        metrics = evaluate(net, mixture, ref, cfg.sigma_d, job["sw_projections"])
-        log.info("%s: one-step error %.4f, SW 2-step %.4f", run["run_id"], metrics["err_T"], metrics["sw_2step"])
-        out.append({"run_id": run["run_id"], "seed": run["seed"], "state": status.get("state"),
-                    "metrics": metrics, "curve": curve})
-    return {"row": job["row"], "technique": job["technique"], "times": ref["times"], "runs": out}
 
 
 def reference_from_spec(spec: dict[str, Any]) -> tuple[dict, dict]:

@@ -28,10 +28,12 @@ METRICS = [("err_T", "one-step error at T"), ("sw_2step", "SW 2-step"), ("tv_2st
 
 
 def load_results(paths: list[str | Path]) -> dict[tuple[str, str], dict]:
+    """{(row, technique): job result} from the files of `scm exact train` (a group's file holds several jobs)."""
     out = {}
     for path in paths:
         res = json.loads(Path(path).read_text())
-        out[(res["row"], res["technique"])] = res
+        for job in res.get("jobs", [res]):
+            out[(job["row"], job["technique"])] = job
     return out
 
 
@@ -95,7 +97,8 @@ def table_markdown(rows: list[dict], spec: dict, floors: dict) -> str:
         lines.append(f"| {name} | skipped: {reason} |" + " |" * (len(head) - 2))
     lines += ["", "References (the same fixed noises): "
               f"one Euler step of the exact ODE from T to 0: one-step error {floors['err_euler']:.3g}; "
-              f"identity map: {floors['err_identity']:.3g}; exact consistency function: 0. "
+              f"identity map: {floors['err_identity']:.3g}; the data mean for every noise (a CM at init): "
+              f"{floors.get('err_mean', float('nan')):.3g}; exact consistency function: 0. "
               f"SW floor (two sets of true samples): {floors['sw_floor']:.3g}; "
               f"coverage TV floor: {floors['tv_floor']:.3g}.", "",
               "Δ: paired over seeds (same seed = same init, data order and noise); 'outside the noise' = the "

@@ -34,15 +34,28 @@ class GaussianMixture:
         return cls(means, stds, weights, sigma_d)
 
     @classmethod
-    def for_data(cls, num_components: int, dim: int, seed: int = 0, sigma_d: float = 0.5) -> GaussianMixture:
+    def for_data(cls, num_components: int, dim: int, seed: int = 0, sigma_d: float = 0.5,
+                 shape: tuple[int, int, int] | None = None, mean_resolution: int = 0) -> GaussianMixture:
         """The 'gmm' dataset's mixture: unequal weights and widths, centred, per-dimension std sigma_d.
 
         means ~ N(0, I), relative stds ~ U[0.15, 0.4], weights ~ U[0.5, 1.5] (normalized), from (seed, 0);
         then one scale so that E[|x|^2] / D = sum_k w_k (|mu_k|^2 / D + s_k^2) = sigma_d^2 (App. B: unit
-        data variance in units of sigma_d).
+        data variance in units of sigma_d). With mean_resolution r > 0 and the image shape (C, H, W) of the
+        D dimensions, each mean is drawn as a C x r x r image and upsampled to H x W by repetition (r = 1:
+        flat-colour images), so that components differ in image structure a U-Net sees at a glance; the
+        widths stay isotropic over all D dimensions.
         """
         rng = np.random.default_rng([seed, 0])
-        means = rng.standard_normal((num_components, dim))
+        if mean_resolution:
+            C, H, W = shape
+            if C * H * W != dim or H % mean_resolution or W % mean_resolution:
+                raise ValueError(f"mean_resolution {mean_resolution} must divide the image sides of shape {shape} "
+                                 f"of {dim} dimensions")
+            low = rng.standard_normal((num_components, C, mean_resolution, mean_resolution))
+            step = (H // mean_resolution, W // mean_resolution)
+            means = low.repeat(step[0], axis=2).repeat(step[1], axis=3).reshape(num_components, dim)
+        else:
+            means = rng.standard_normal((num_components, dim))
         stds = rng.uniform(0.15, 0.4, num_components)
         weights = rng.uniform(0.5, 1.5, num_components)
         weights /= weights.sum()

@@ -23,14 +23,17 @@ def test_dry_run_has_every_ablation_and_row(tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "gmm.yaml").read_text())
     study = tmp_path / "gmm.yaml"  # the shipped study, with empty results wherever it was run before
     study.write_text(yaml.safe_dump({**cfg, "results": str(tmp_path / "results")}))
-    proc = snakemake("-n", "--configfile", str(study), "--profile", "profiles/local")
+    proc = snakemake("-n", "--printshellcmds", "--configfile", str(study), "--profile", "profiles/local")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
+    # every technique and row is trained by exactly one of the `exact.processes` training groups
+    groups = [f"groups/part{i + 1}.json" for i in range(cfg["exact"]["processes"])]
+    assert all(g in out for g in groups) and f"groups/part{len(groups) + 1}.json" not in out
     skipped = set(cfg["exact"]["skip"])
     for f in (ROOT / "ablations").glob("*.yaml"):
-        assert (f"jobs/scd_exact-{f.stem}.json" in out) == (f.stem not in skipped), f.stem
+        assert out.count(f'"run_id": "scd_exact-{f.stem}-s0"') == (f.stem not in skipped), f.stem
     for row in ("scd_exact", "scd_learned", "sct"):
-        assert f"jobs/{row}-full.json" in out
+        assert out.count(f'"run_id": "{row}-full-s0"') == 1, row
     assert "runs/teacher-tS-base-s0/final.pt" in out  # the learned teacher comes from the train rule
     assert "tables/exact.md" in out and "figures/exact_map2d.png" in out
     assert "metrics/" not in out and "samples/" not in out  # no FID evaluation in an exact study

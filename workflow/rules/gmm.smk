@@ -1,29 +1,38 @@
 # The exact-answer study (a study with `dataset: gmm` and an `exact` section; docs/gmm-study.md).
-# One job per (row, technique) trains and scores every seed in one process (tiny runs: process start-up
-# would dominate); the learned teacher comes from the train_teacher rule. Logic lives in scm.exact.
-from scm.exact import ExactStudy
+# The (row, technique) jobs are dealt into `exact.processes` training groups, one process each, that train
+# and score every seed of their techniques (tiny runs: each process start costs torch's import and the
+# optimizer's first use); the learned teacher comes from the train_teacher rule. Logic: scm.exact_study.
+from scm.exact_study import ExactStudy
 
-EXACT = ExactStudy(config) if config["dataset"] == "gmm" and config.get("exact") else None
+EXACT = (
+    ExactStudy(config) if config["dataset"] == "gmm" and config.get("exact") else None
+)
 EX = f"{R}/exact"
-EXACT_JOBS = [EXACT.job_name(row, tech) for row, tech in EXACT.jobs()] if EXACT else []
+EXACT_GROUPS = list(EXACT.groups()) if EXACT else []
 EXACT_OUTPUTS = (
-    [f"{R}/tables/exact.md", f"{R}/figures/exact_curves.png", f"{R}/figures/exact_map2d.png"] if EXACT else []
+    [
+        f"{R}/tables/exact.md",
+        f"{R}/figures/exact_curves.png",
+        f"{R}/figures/exact_map2d.png",
+    ]
+    if EXACT
+    else []
 )
 
 
 wildcard_constraints:
-    job=r"(scd_exact|scd_learned|sct)-[a-z0-9_]+",
+    group=r"part[0-9]+",
 
 
 rule exact_reference:
-    conda:
-        "../envs/scm.yaml"
     output:
         f"{EX}/reference.pt",
     log:
         f"{R}/logs/exact/reference.log",
-    threads: 1
     priority: 20
+    conda:
+        "../envs/scm.yaml"
+    threads: 1
     params:
         spec=exact_spec("reference"),
     shell:
@@ -31,31 +40,35 @@ rule exact_reference:
 
 
 rule exact_train:
-    conda:
-        "../envs/scm.yaml"
     input:
         reference=f"{EX}/reference.pt",
         teacher=exact_teacher_final,
     output:
-        f"{EX}/jobs/{{job}}.json",
+        f"{EX}/groups/{{group}}.json",
     log:
-        f"{R}/logs/exact/{{job}}.log",
+        f"{R}/logs/exact/{{group}}.log",
+    conda:
+        "../envs/scm.yaml"
     threads: 1
     resources:
         mem_mb=1500,
     params:
-        spec=exact_spec("job-{job}"),
+        spec=exact_spec("group-{group}"),
     shell:
         "scm exact train --spec {params.spec} --reference {input.reference} --out {output} > {log} 2>&1"
 
 
 rule exact_map2d:
-    conda:
-        "../envs/scm.yaml"
     output:
-        report(f"{R}/figures/exact_map2d.png", category="Exact study", subcategory="2-D variant"),
+        report(
+            f"{R}/figures/exact_map2d.png",
+            category="Exact study",
+            subcategory="2-D variant",
+        ),
     log:
         f"{R}/logs/exact/map2d.log",
+    conda:
+        "../envs/scm.yaml"
     threads: 1
     params:
         spec=exact_spec("map2d"),
@@ -64,18 +77,24 @@ rule exact_map2d:
 
 
 rule exact_report:
-    conda:
-        "../envs/scm.yaml"
     input:
         reference=f"{EX}/reference.pt",
-        metrics=expand(f"{EX}/jobs/{{job}}.json", job=EXACT_JOBS),
+        metrics=expand(f"{EX}/groups/{{group}}.json", group=EXACT_GROUPS),
     output:
-        table=report(f"{R}/tables/exact.md", category="Exact study", subcategory="Table"),
+        table=report(
+            f"{R}/tables/exact.md", category="Exact study", subcategory="Table"
+        ),
         summary=f"{R}/tables/exact.json",
-        curves=report(f"{R}/figures/exact_curves.png", category="Exact study", subcategory="Error vs iterations"),
+        curves=report(
+            f"{R}/figures/exact_curves.png",
+            category="Exact study",
+            subcategory="Error vs iterations",
+        ),
     log:
         f"{R}/logs/exact/report.log",
     localrule: True
+    conda:
+        "../envs/scm.yaml"
     params:
         spec=exact_spec("report"),
         results=lambda wc, output: Path(output.table).parents[1],
