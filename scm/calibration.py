@@ -69,7 +69,7 @@ def colour_shift(x: torch.Tensor, delta: float) -> torch.Tensor:
 def shape_mask(q: np.ndarray, labels: np.ndarray, resolution: int, version: int) -> torch.Tensor:
     """(N, 1, H, W) bool: the pixels a shape touches, found as the pixels that change when only the
     foreground colour (q columns 6-8) changes (renderer `version` redraws each image with 1 - q there)."""
-    from scm.data import SHAPE_CLASSES, SHAPES_VERSIONS
+    from scm.shapes import SHAPE_CLASSES, SHAPES_VERSIONS
 
     draw = SHAPES_VERSIONS[version]
     q2 = q.copy()
@@ -148,7 +148,7 @@ def calibrate(extractor_weights=None, shapes_version: int = 1, num: int = 512, r
     """Rows {case, fid, fid_mean/sd/min/max, fjd_mean, class_accuracy_mean, ...} over `seed_sets` sets of
     `num` images (real set j: seed 2001 + j; disjoint from the reference (seed 0) and the extractor's
     images). `runs`: (label, run_dir, steps) whose EMA samples (seeds j num ...) become rows too."""
-    from scm.data import generate_shapes
+    from scm.shapes import generate_shapes
 
     images, labels = (torch.from_numpy(a) for a in generate_shapes(ref_images, resolution, 0, shapes_version))
     ref = M.make_reference("shapes", images, None, extractor_weights, cache_dir, labels=labels,

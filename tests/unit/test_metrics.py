@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from scm import calibration as CAL
+from scm import extractors
 from scm import metrics as M
-from scm.data import SHAPES_VERSIONS, generate_shapes
+from scm.fileio import file_fingerprint
+from scm.shapes import SHAPES_VERSIONS, generate_shapes
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +21,7 @@ def fast_extractor(tmp_path_factory):
     """A quickly trained shapes extractor (FAST settings; the default artifact trains longer on more images)."""
     path = tmp_path_factory.getbasetemp() / "shapes-features-fast.pt"
     if not path.exists():
-        M.train_shapes_extractor(path, **FAST)
+        extractors.train_shapes_extractor(path, **FAST)
     return path
 
 
@@ -72,17 +74,21 @@ def test_summarize():
 
 
 def test_shapes_extractor_artifact_and_uint8_input(fast_extractor):
-    net, meta = M.load_shapes_extractor(fast_extractor)
+    net, meta = extractors.load_shapes_extractor(fast_extractor)
     assert meta["test_accuracy"] > 0.95 and meta["steps"] == FAST["steps"]
-    assert meta["feature_dim"] == meta["code_dim"] + M.NUM_IMAGE_STATISTICS == 146
-    assert meta["shapes_version"] == 1 and meta["version"] == M.SHAPES_EXTRACTOR_VERSION
-    M.register_extractors()
-    M.register_extractors()  # guarded: registering twice would raise in torch-fidelity
-    fe = M.ShapesFeatureExtractor(M.SHAPES_EXTRACTOR, ["penultimate", "logits"],
+    stats = extractors.NUM_IMAGE_STATISTICS + extractors.NUM_NOISE_STATISTICS
+    assert meta["feature_dim"] == meta["code_dim"] + stats == 149
+    assert meta["shapes_version"] == 1 and meta["version"] == extractors.SHAPES_EXTRACTOR_VERSION
+    extractors.register_extractors()
+    extractors.register_extractors()  # guarded: registering twice would raise in torch-fidelity
+    fe = extractors.ShapesFeatureExtractor(extractors.SHAPES_EXTRACTOR, ["penultimate", "logits"],
                                   feature_extractor_weights_path=str(fast_extractor))
     x = torch.from_numpy(generate_shapes(16)[0])
     f, logits = fe(x)
-    assert f.shape == (16, 146) and logits.shape == (16, 8)
+    assert f.shape == (16, 149) and logits.shape == (16, 8)
+    # The last 3 features are the noise levels, computed from the pixels (weighted as the artifact says).
+    want = meta["noise_feature_weight"] * extractors.noise_statistics(x.float() / 127.5 - 1)
+    assert torch.allclose(f[:, -3:], want, atol=1e-6)
     with pytest.raises(ValueError, match="uint8"):
         fe(x.float())
     with pytest.raises(ValueError, match="16x16"):
@@ -123,7 +129,7 @@ def test_calculate_metrics_fid_equals_float64_fd_of_same_features(fast_extractor
 
 def test_reference_name_is_a_content_hash(fast_extractor, real, tmp_path):
     name = _ref(real, fast_extractor, tmp_path).name
-    assert name.startswith(f"shapes-data1-{M.SHAPES_EXTRACTOR}-") and len(name.rsplit("-", 1)[1]) == 12
+    assert name.startswith(f"shapes-data1-{extractors.SHAPES_EXTRACTOR}-") and len(name.rsplit("-", 1)[1]) == 12
     assert _ref(real.clone(), fast_extractor, tmp_path).name == name
     changed = real.clone()
     changed[0, 0, 0, 0] ^= 1
@@ -154,10 +160,10 @@ def test_ref_stats_npz_round_trip_and_edm2_pkl(tmp_path):
 
 
 def test_missing_weights_say_how_to_fetch(real, tmp_path):
-    with pytest.raises(M.WeightsMissingError, match="fetch-weights inception"):
+    with pytest.raises(extractors.WeightsMissingError, match="fetch-weights inception"):
         M.make_reference("cifar10", real, weights_path=tmp_path / "nope.pth", cache_dir=tmp_path)
-    with pytest.raises(M.WeightsMissingError, match="fetch-weights dinov2"):
-        M.make_reference("shapes", real, M.DINOV2_EXTRACTOR, None, tmp_path)
+    with pytest.raises(extractors.WeightsMissingError, match="fetch-weights dinov2"):
+        M.make_reference("shapes", real, extractors.DINOV2_EXTRACTOR, None, tmp_path)
     with pytest.raises(M.NoReferenceError, match="--ref-stats"):
         M.make_reference("imagenet512", None, weights_path=tmp_path / "x", cache_dir=tmp_path)
 
@@ -187,16 +193,16 @@ def standin_file(tmp_path_factory):
 
 
 def test_dinov2_extractor_resizes_and_normalizes(standin_file):
-    M.register_extractors()
+    extractors.register_extractors()
     from torch_fidelity.utils import create_feature_extractor
 
-    fe = create_feature_extractor(M.DINOV2_EXTRACTOR, ["dinov2"], cuda=False,
+    fe = create_feature_extractor(extractors.DINOV2_EXTRACTOR, ["dinov2"], cuda=False,
                                   feature_extractor_weights_path=str(standin_file))
     # Constant images: bicubic resizing keeps the constant, so the features are known exactly.
     values = torch.tensor([0, 64, 200], dtype=torch.uint8)
     x = values[:, None, None, None].expand(3, 3, 16, 16).contiguous()
     (f,) = fe(x)
-    mean, std = torch.tensor(M.IMAGENET_MEAN), torch.tensor(M.IMAGENET_STD)
+    mean, std = torch.tensor(extractors.IMAGENET_MEAN), torch.tensor(extractors.IMAGENET_STD)
     want = (values[:, None].float() / 255 - mean) / std
     assert torch.allclose(f[:, :3], want, atol=1e-5) and torch.all(f[:, 3:6] < 1e-4)
     assert torch.equal(f[:, 6:], torch.full((3, 2), 224.0))
@@ -211,8 +217,8 @@ def test_dinov2_extractor_resizes_and_normalizes(standin_file):
 
 
 def test_fd_dinov2_through_calculate_metrics(standin_file, real, tmp_path):
-    ref = M.make_reference("shapes", real[:128], M.DINOV2_EXTRACTOR, standin_file, tmp_path)
-    assert ref.name.startswith(f"shapes-{M.DINOV2_EXTRACTOR}-")
+    ref = M.make_reference("shapes", real[:128], extractors.DINOV2_EXTRACTOR, standin_file, tmp_path)
+    assert ref.name.startswith(f"shapes-{extractors.DINOV2_EXTRACTOR}-")
     same = M.compute_metrics(real[:128], ref, kid=False, prc=False)["fid"]
     dark = M.compute_metrics(real[128:256] // 2, ref, kid=False, prc=False)["fid"]
     assert abs(same) < 1e-6 and dark > 0.1
@@ -220,13 +226,13 @@ def test_fd_dinov2_through_calculate_metrics(standin_file, real, tmp_path):
 
 def test_shapes_extractor_training_is_deterministic(tmp_path):
     kw = dict(steps=10, batch=32, train_images=256, test_images=64)
-    a = M.train_shapes_extractor(tmp_path / "a.pt", **kw)
-    b = M.train_shapes_extractor(tmp_path / "b.pt", **kw)
+    a = extractors.train_shapes_extractor(tmp_path / "a.pt", **kw)
+    b = extractors.train_shapes_extractor(tmp_path / "b.pt", **kw)
     assert a["test_accuracy"] == b["test_accuracy"] and a["final_ce"] == b["final_ce"]
     assert a["final_mse"] == b["final_mse"]
     sa, sb = (torch.load(tmp_path / f, weights_only=True)["state_dict"] for f in ("a.pt", "b.pt"))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert M.file_fingerprint(tmp_path / "a.pt") == M.file_fingerprint(tmp_path / "b.pt")
+    assert file_fingerprint(tmp_path / "a.pt") == file_fingerprint(tmp_path / "b.pt")
     assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])  # restored
 
 
@@ -236,16 +242,16 @@ def test_shapes_extractor_training_is_deterministic(tmp_path):
 
 @pytest.mark.parametrize("version", sorted(SHAPES_VERSIONS))
 def test_extractor_per_renderer_version(version, tmp_path):
-    path = M.shapes_extractor_path(version, tmp_path)
-    assert path.name == f"shapes-features-v{M.SHAPES_EXTRACTOR_VERSION}-data{version}.pt"
-    meta = M.train_shapes_extractor(path, version, steps=2, batch=8, train_images=64, test_images=16)
-    assert meta["shapes_version"] == version and M.load_shapes_extractor(path, version)[1] == {
+    path = extractors.shapes_extractor_path(version, tmp_path)
+    assert path.name == f"shapes-features-v{extractors.SHAPES_EXTRACTOR_VERSION}-data{version}.pt"
+    meta = extractors.train_shapes_extractor(path, version, steps=2, batch=8, train_images=64, test_images=16)
+    assert meta["shapes_version"] == version and extractors.load_shapes_extractor(path, version)[1] == {
         k: v for k, v in meta.items() if k != "train_seconds"}
     with pytest.raises(ValueError, match=f"trained on data.shapes_version {version}"):
-        M.load_shapes_extractor(path, version + 1)
+        extractors.load_shapes_extractor(path, version + 1)
     real = torch.from_numpy(generate_shapes(32, version=version)[0])
     ref = M.make_reference("shapes", real, weights_path=path, cache_dir=tmp_path, shapes_version=version)
-    assert ref.name.startswith(f"shapes-data{version}-{M.SHAPES_EXTRACTOR}-")
+    assert ref.name.startswith(f"shapes-data{version}-{extractors.SHAPES_EXTRACTOR}-")
     with pytest.raises(ValueError, match="--extractor-weights"):  # an extractor of another renderer
         M.make_reference("shapes", real, weights_path=path, cache_dir=tmp_path, shapes_version=version + 1)
 
@@ -335,15 +341,34 @@ def test_degradations():
 # Calibration: the floor is real vs real; every degradation a person rates as bad scores above it
 
 
+def test_noise_statistics_closed_form():
+    # A flat grey image plus Gaussian noise of sd sigma (rounded to uint8): the 4-neighbour Laplacian of the
+    # noise is N(0, 20 (sigma^2 + q^2 / 12)) in grey levels (q = 1 level), so the 10% quantile of its absolute
+    # value is 0.1257 sqrt(20) sd (the half-normal's 10% point, erf(z / sqrt 2) = 0.1 at z = 0.12566).
+    flat = torch.full((256, 3, 16, 16), 128, dtype=torch.uint8)
+    assert torch.all(extractors.noise_statistics(flat.float() / 127.5 - 1) == 0)
+    for sigma in (0.02, 0.05, 0.1):
+        x = CAL.gaussian_noise(flat, sigma, seed=1).float() / 127.5 - 1
+        want = 0.12566 * math.sqrt(20 * ((sigma * 255) ** 2 + 1 / 12))
+        assert extractors.noise_statistics(x).expm1().mean().item() == pytest.approx(want, rel=0.03)
+    # Real shapes of renderer version 2 are flat away from their edges: noise level 0 on every image.
+    real2 = torch.from_numpy(generate_shapes(256, version=2)[0]).float() / 127.5 - 1
+    assert extractors.noise_statistics(real2).abs().max().item() < 1e-3
+
+
 def test_calibration_fid_rises_with_every_degradation(fast_extractor, tmp_path):
-    rows = {r["case"]: r for r in CAL.calibrate(fast_extractor, num=512, ref_images=2048, seed_sets=1,
+    rows = {r["case"]: r for r in CAL.calibrate(fast_extractor, num=512, ref_images=2048, seed_sets=2,
                                                 cache_dir=tmp_path)}
     fid = lambda case: rows[case]["fid_mean"]
     floor = fid("real, disjoint seeds (the floor)")
-    assert rows["real, disjoint seeds (the floor)"]["class_accuracy_mean"] >= 0.98
-    # Pixel noise: monotone in sigma, clearly above the floor from sigma = 0.1 on.
-    noise = [fid(f"Gaussian noise sigma={s}") for s in CAL.NOISE_SIGMAS]
-    assert noise == sorted(noise) and noise[2] > 1.5 * floor and noise[3] > 4 * floor
+    floor_sd = rows["real, disjoint seeds (the floor)"]["fid_sd"]
+    assert rows["real, disjoint seeds (the floor)"]["class_accuracy_mean"] >= 0.97  # the quickly trained network
+    # Pixel noise: each level clearly above the one before (by more than 2 sd of the floor over seed sets,
+    # and by 20% of the floor, so a near-zero sd cannot make a tie pass), the first clearly above the floor.
+    noise = [floor] + [fid(f"Gaussian noise sigma={s}") for s in CAL.NOISE_SIGMAS]
+    steps = np.diff(noise)
+    assert np.all(steps > 2 * floor_sd) and np.all(steps > 0.2 * floor), (noise, floor_sd)
+    assert noise[1] > 1.5 * floor and noise[4] > 4 * floor
     blur = [fid(f"Gaussian blur sigma={s} px") for s in CAL.BLUR_SIGMAS]
     assert blur == sorted(blur) and blur[0] > 1.5 * floor and blur[1] > 8 * floor
     shift = [fid(f"colour shift +-{d} (R+, B-)") for d in CAL.COLOUR_SHIFTS]
