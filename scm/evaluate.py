@@ -14,7 +14,7 @@ metrics.json (write_metrics) is a JSON list with one flat entry per --steps valu
     run_id, run_dir, dataset, method, size      the run (run_id = run directory name)
     params, params_m                             network parameters (count, millions)
     steps, sampler, solver, guidance, nfe        sampling ('consistency' steps or a teacher solver)
-    effective_compute                            params (billions) x NFE (method.md §7, Figure 1's x)
+    effective_compute                            params (billions) x NFE (sCM Figure 1's x axis)
     num_samples, seed_sets, seeds                samples per set, number of sets, "A-B" per set
     fid, fid_min, fid_max, fid_mean, fid_sd      FID per seed set; min (the paper's report), max, mean, sd
     class_accuracy, class_accuracy_min/_max/_mean/_sd
@@ -27,15 +27,20 @@ metrics.json (write_metrics) is a JSON list with one flat entry per --steps valu
     fd_dinov2, fd_dinov2_min/_max/_mean/_sd      only with a DINOv2 model file
     feature_extractor, extractor_fingerprint, extractor_accuracy, extractor_shapes_version (shapes),
     ref_stats, ref_stats_path
-    sample_seconds, metric_seconds, device, torch
+    sample_seconds, metric_seconds               seconds of sampling and of features + metrics, summed over tasks
+    eval_gpus, eval_threads                      GPUs held per task (0 on the CPU) and torch CPU threads per task:
+                                                 the report's evaluation GPU-hours (or CPU-hours)
+    device, torch
+
+A sharded evaluation (`--shards K`, scm.eval_shards) writes the same entries.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -45,7 +50,10 @@ import numpy as np
 import PIL.Image
 import torch
 
+from scm import config as C
+from scm import extractors
 from scm import metrics as M
+from scm.fileio import atomic_write_bytes, atomic_write_text
 from scm.samplers import cm_times, consistency_sample, teacher_sample
 
 log = logging.getLogger(__name__)
@@ -221,11 +229,10 @@ def write_pngs(images: torch.Tensor, seeds: list[int], out_dir) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for img, seed in zip(images, seeds, strict=True):
-        path = out_dir / f"{seed:06d}.png"
-        tmp = out_dir / f".{seed:06d}.{os.getpid()}.tmp.png"
         array = img.permute(1, 2, 0).numpy()
-        PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buf, format="PNG")
+        atomic_write_bytes(out_dir / f"{seed:06d}.png", buf.getvalue())
 
 
 def write_grid(images: torch.Tensor, path, limit: int = 64) -> None:
@@ -236,9 +243,9 @@ def write_grid(images: torch.Tensor, path, limit: int = 64) -> None:
 
 def sample_run(run_dir, steps: int, seeds: list[int], out_dir, batch: int = 64, shard: tuple[int, int] = (0, 1),
                solver: str | None = None, guidance: float | None = None, device: str = "auto",
-               vae_path=None) -> dict:
+               vae_path=None, grid: bool = True) -> dict:
     """Generate this shard's seeds (seeds[I::N]) of a finished run's EMA network into PNGs (+ grid.png from
-    shard 0); returns {num, nfe, seconds, out_dir}."""
+    shard 0 when `grid`); returns {num, nfe, seconds, out_dir}."""
     from scm.train import load_final
 
     t0 = time.time()
@@ -250,7 +257,7 @@ def sample_run(run_dir, steps: int, seeds: list[int], out_dir, batch: int = 64, 
     vae = load_vae(vae_path, device) if cfg.data.channels == 4 else None
     images, nfe = generate(net, cfg, mine, steps, batch, solver, guidance, device, vae)
     write_pngs(images, mine, out_dir)
-    if shard[0] == 0 and len(mine):
+    if grid and shard[0] == 0 and len(mine):
         write_grid(images, Path(out_dir) / "grid.png")
     return {"num": len(mine), "nfe": nfe, "seconds": round(time.time() - t0, 3), "out_dir": str(out_dir)}
 
@@ -262,7 +269,8 @@ def sample_run(run_dir, steps: int, seeds: list[int], out_dir, batch: int = 64, 
 def real_images(data_cfg, with_labels: bool = False):
     """The run's training images as uint8 (N, 3, H, W); None for data without images (latents, GMM).
     with_labels: (images, labels) with labels int64 (N,) where the dataset has classes, else None."""
-    from scm.data import Cifar10Dataset, ZipDataset, generate_shapes
+    from scm.data import Cifar10Dataset, ZipDataset
+    from scm.shapes import generate_shapes
 
     name, images, labels = data_cfg.name, None, None
     if name == "shapes":  # exactly the set build_dataset trains on (seed 0)
@@ -303,14 +311,8 @@ def evaluate_run(run_dir, steps: list[int], num: int = 1024, seed_sets: int = 1,
     device = resolve_device(device)
     net, cfg = load_final(run_dir, "ema", device)
     vae = load_vae(vae_path, device) if cfg.data.channels == 4 else None
-    images, real_labels = (None, None) if ref_stats else real_images(cfg.data, with_labels=True)
-    version = cfg.data.shapes_version if cfg.data.name == "shapes" else None
-    ref = M.make_reference(cfg.data.name, images, extractor, extractor_weights, cache_dir, ref_stats,
-                           labels=real_labels, shapes_version=version)
-    ref_path = M.reference_stats(ref, str(device))[2]
-    dino = (M.make_reference(cfg.data.name, images, M.DINOV2_EXTRACTOR, dinov2, cache_dir, ref_stats)
-            if dinov2 else None)
-    sets = [list(range(first_seed + j * num, first_seed + (j + 1) * num)) for j in range(seed_sets)]
+    ref, ref_path, dino = references(cfg, extractor, extractor_weights, cache_dir, ref_stats, dinov2, device)
+    sets = seed_set_list(num, seed_sets, first_seed)
     entries = []
     for s in steps:
         spec = sampler_spec(cfg, s, solver, guidance)
@@ -327,32 +329,60 @@ def evaluate_run(run_dir, steps: list[int], num: int = 1024, seed_sets: int = 1,
             per_set.append(m)
             log.info("%s steps=%d seeds %s: FID %.4f, class accuracy %s", run_dir.name, s, format_seeds(seeds),
                      m["fid"], m["class_accuracy"])
-        entry = _entry_base(run_dir, cfg, spec, nfe)
-        entry.update({"num_samples": num, "seed_sets": seed_sets, "seeds": [format_seeds(x) for x in sets]})
-        # Per seed set and min/max/mean/sd over sets; class-aware metrics only where they exist (else null).
-        keys = ["fid", "class_accuracy", "fjd"] + (["fd_dinov2"] if dino is not None else [])
-        for key in keys:
-            vals = [m[key] for m in per_set]
-            stats = M.summarize(vals)
-            entry.update({key: vals if stats["mean"] is not None else None,
-                          **{f"{key}_{k}": stats[k] for k in ("min", "max", "mean", "sd")}})
-        for key in ("kid", "kid_sd", "precision", "recall"):
-            entry[key] = M.summarize([m[key] for m in per_set])["mean"]
-        entry.update(M.extractor_info(ref.extractor, ref.weights_path))
-        entry.update({"ref_stats": ref.name, "ref_stats_path": str(ref_path),
-                      "sample_seconds": round(t_sample, 3), "metric_seconds": round(t_metric, 3),
-                      "device": str(device), "torch": str(torch.__version__)})
-        entries.append(entry)
+        entries.append(metrics_entry(run_dir, cfg, spec, nfe, sets, per_set, ref, ref_path, dino is not None,
+                                     t_sample, t_metric, device, device_count(device), torch.get_num_threads()))
     return entries
+
+
+def seed_set_list(num: int, seed_sets: int, first_seed: int = 0) -> list[list[int]]:
+    """Seed set j: seeds first_seed + [j num, (j + 1) num) (disjoint sets, as the paper's repeated FIDs)."""
+    return [list(range(first_seed + j * num, first_seed + (j + 1) * num)) for j in range(seed_sets)]
+
+
+def device_count(device) -> int:
+    """GPUs this process holds (what the evaluation's GPU-hours count); 0 on the CPU."""
+    return torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
+
+
+def references(cfg, extractor=None, extractor_weights=None, cache_dir=M.DEFAULT_CACHE_DIR, ref_stats=None,
+               dinov2=None, device="cpu"):
+    """(FID reference, its statistics file, DINOv2 reference or None) of a run's dataset."""
+    images, real_labels = (None, None) if ref_stats else real_images(cfg.data, with_labels=True)
+    version = cfg.data.shapes_version if cfg.data.name == "shapes" else None
+    ref = M.make_reference(cfg.data.name, images, extractor, extractor_weights, cache_dir, ref_stats,
+                           labels=real_labels, shapes_version=version)
+    ref_path = M.reference_stats(ref, str(device))[2]
+    dino = (M.make_reference(cfg.data.name, images, extractors.DINOV2_EXTRACTOR, dinov2, cache_dir, ref_stats)
+            if dinov2 else None)
+    return ref, ref_path, dino
+
+
+def metrics_entry(run_dir: Path, cfg, spec: SamplerSpec, nfe: int, sets: list[list[int]], per_set: list[dict],
+                  ref, ref_path, with_dino: bool, t_sample: float, t_metric: float, device, gpus: int,
+                  threads: int) -> dict:
+    """One metrics.json entry from the per-seed-set metrics (the schema in this module's docstring)."""
+    entry = _entry_base(run_dir, cfg, spec, nfe)
+    entry.update({"num_samples": len(sets[0]), "seed_sets": len(sets), "seeds": [format_seeds(x) for x in sets]})
+    # Per seed set and min/max/mean/sd over sets; class-aware metrics only where they exist (else null).
+    keys = ["fid", "class_accuracy", "fjd"] + (["fd_dinov2"] if with_dino else [])
+    for key in keys:
+        vals = [m[key] for m in per_set]
+        stats = M.summarize(vals)
+        entry.update({key: vals if stats["mean"] is not None else None,
+                      **{f"{key}_{k}": stats[k] for k in ("min", "max", "mean", "sd")}})
+    for key in ("kid", "kid_sd", "precision", "recall"):
+        entry[key] = M.summarize([m[key] for m in per_set])["mean"]
+    entry.update(extractors.extractor_info(ref.extractor, ref.weights_path))
+    entry.update({"ref_stats": ref.name, "ref_stats_path": str(ref_path),
+                  "sample_seconds": round(t_sample, 3), "metric_seconds": round(t_metric, 3),
+                  "eval_gpus": gpus, "eval_threads": threads, "device": str(device), "torch": str(torch.__version__)})
+    return entry
 
 
 def write_metrics(entries: list[dict], path) -> Path:
     """metrics.json: a JSON list of entries (schema in this module's docstring), written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entries, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(entries, indent=2, default=_json_default) + "\n")
     return path
 
 
@@ -362,3 +392,34 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+# ----------------------------------------------------------------------------
+# A study's evaluation inputs, checked when the pipeline builds its DAG (before any training).
+
+REAL_IMAGE_DATASETS = ("cifar10", "imagenet64", "imagenet512", "zip")
+EVAL_INPUT_KEYS = ("inception", "vae", "dinov2", "ref_stats")
+
+
+def study_eval_inputs(data_cfg, eval_cfg: dict) -> dict[str, str]:
+    """{key: path} of the files a study's evaluations read (keys of its `eval` section); a needed one that is
+    unset or missing, or a given one that is missing, is a ConfigError naming the key and the path."""
+    why = {}
+    if data_cfg.name in REAL_IMAGE_DATASETS:
+        why["inception"] = "FID needs Inception-v3 weights: `scm data fetch-weights inception --out PATH`"
+    if data_cfg.channels == 4:
+        why["vae"] = f"{data_cfg.name} generates latents: a local SD-VAE folder (sd-vae-ft-mse) decodes them"
+        why["ref_stats"] = f"{data_cfg.name} has no images to compute reference statistics from (EDM2's .pkl)"
+    if eval_cfg.get("fd_dinov2"):
+        why["dinov2"] = "eval.fd_dinov2 needs a DINOv2 model: `scm data fetch-weights dinov2 --out PATH`"
+    paths = {}
+    for key in EVAL_INPUT_KEYS:
+        path = eval_cfg.get(key)
+        if not path and key in why:
+            raise C.ConfigError(f"eval.{key}: not set ({why[key]})", key=f"eval.{key}")
+        if path and not Path(path).exists():
+            raise C.ConfigError(f"eval.{key}: {path} not found ({why.get(key, 'given in the study file')})",
+                                key=f"eval.{key}")
+        if path:
+            paths[key] = str(path)
+    return paths

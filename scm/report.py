@@ -51,16 +51,16 @@ def load_metrics(paths: list[str | Path]) -> pd.DataFrame:
     """
     rows = []
     for path in paths:
-        data = json.loads(Path(path).read_text())
-        entries = data if isinstance(data, list) else data.get("entries", [data])
-        for e in entries:
-            run = parse_run_id(e["run_id"])
-            m = e.get("metrics", e)
+        entries = json.loads(Path(path).read_text())
+        if not isinstance(entries, list):  # scm.evaluate.write_metrics writes a list of flat entries
+            raise ValueError(f"{path}: not a metrics file of scm evaluate (expected a JSON list of entries)")
+        for m in entries:
+            run = parse_run_id(m["run_id"])
             rows.append({
-                "run_id": e["run_id"], "method": run.method, "size": run.size, "ablation": run.ablation,
-                "seed": run.seed, "steps": int(e["steps"]), "nfe": int(e["nfe"]),
-                "params_m": float(e["params"]) / 1e6,
-                "fid": float(m.get("fid_min", m.get("fid"))), "fid_mean": _scalar(m, "fid"),
+                "run_id": m["run_id"], "method": run.method, "size": run.size, "ablation": run.ablation,
+                "seed": run.seed, "steps": int(m["steps"]), "nfe": int(m["nfe"]),
+                "params_m": float(m["params"]) / 1e6,
+                "fid": float(m["fid_min"]), "fid_mean": _scalar(m, "fid"),
                 "fid_sd": float(m.get("fid_sd", 0.0) or 0.0),
                 "class_accuracy": _scalar(m, "class_accuracy"),
                 "path": str(path),
@@ -121,8 +121,10 @@ def main_table(df: pd.DataFrame, ref: pd.DataFrame | None, dataset: str) -> pd.D
 
 
 def _status(run_dir: Path) -> dict:
-    path = run_dir / "status.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    """status.json as the trainer would see it: a 'running' run whose trainer is gone reads 'dead'."""
+    from scm.checkpoint import read_status
+
+    return read_status(run_dir)
 
 
 # ----------------------------------------------------------------------------
@@ -138,6 +140,7 @@ TECHNIQUES: dict[str, tuple[str, ...]] = {
     "tangent normalization": ("loss.tangent_norm", "loss.tangent_norm_c"),
     "adaptive weighting": ("loss.adaptive_weighting",),
     "JVP rearrangement": ("loss.jvp_rearrangement",),
+    "JVP engine (not a technique of the paper)": ("loss.jvp_impl", "loss.jvp_fd_step"),
 }
 OTHER = "other"
 FULL = "full recipe"
@@ -155,9 +158,7 @@ def run_config(run_dir: Path) -> dict:
     if (run_dir / "run.json").exists():
         return C.flatten(json.loads((run_dir / "run.json").read_text()).get("config", {}))
     if (run_dir / "run.yaml").exists():
-        import yaml
-
-        return C.flatten(yaml.safe_load((run_dir / "run.yaml").read_text()) or {})
+        return C.flatten(C.load_yaml(run_dir / "run.yaml", "run config"))
     return {}
 
 
@@ -239,7 +240,7 @@ def run_stability(run_dir: Path) -> dict:
     """Stability of one run: divergence (status.json), gradient-norm spikes (max over the logged windows'
     maxima / median of the windows' means, stats.jsonl) and the loss variance over the last half."""
     status = _status(Path(run_dir))
-    out = {"diverged": status.get("state") == "diverged", "step": status.get("step"),
+    out = {"diverged": status.get("state") == "diverged", "state": status.get("state"), "step": status.get("step"),
            "spike": math.nan, "loss_var": math.nan}
     stats = load_stats(Path(run_dir))
     if len(stats) and "grad_norm" in stats:
@@ -259,10 +260,13 @@ def _stability_cells(results: Path, method: str, size: str, ablation: str) -> di
             or (d / "stats.jsonl").exists()}
     if not runs:
         return {"diverged": "-", "grad spikes (max/median)": "-", "loss var (last half)": "-"}
+    # A run that died or failed is named beside the divergences: its numbers are not a finished run's.
     diverged = [f"s{s}@{r['step']}" for s, r in sorted(runs.items()) if r["diverged"]]
+    diverged += [f"s{s} {r['state']}" for s, r in sorted(runs.items()) if r["state"] in ("dead", "failed")]
     spikes = [r["spike"] for r in runs.values() if math.isfinite(r["spike"])]
     var = [r["loss_var"] for r in runs.values() if math.isfinite(r["loss_var"])]
-    return {"diverged": f"{len(diverged)}/{len(runs)}" + (f" ({', '.join(diverged)})" if diverged else ""),
+    n_diverged = sum(r["diverged"] for r in runs.values())
+    return {"diverged": f"{n_diverged}/{len(runs)}" + (f" ({', '.join(diverged)})" if diverged else ""),
             "grad spikes (max/median)": f"{np.mean(spikes):.1f} (worst {max(spikes):.1f})" if spikes else "-",
             "loss var (last half)": f"{np.mean(var):.3g}" if var else "-"}
 
@@ -416,8 +420,24 @@ def write_ablation_tables(df: pd.DataFrame, results: Path, md: Path, tex: Path |
         tex.write_text("\n".join(body) if body else "% no rows\n")
 
 
+def eval_hours(g: pd.DataFrame) -> tuple[float | None, float | None]:
+    """(GPU-hours, CPU-hours) of a run's evaluations (its metrics rows): the seconds its tasks ran (sampling,
+    features and metrics, summed over shards) x the GPUs each held, or on the CPU x its torch threads."""
+    gpu = cpu = None
+    for _, e in g.iterrows():
+        seconds = float(e.get("sample_seconds") or 0) + float(e.get("metric_seconds") or 0)
+        gpus = int(e["eval_gpus"]) if "eval_gpus" in e and pd.notna(e["eval_gpus"]) else 0
+        threads = int(e["eval_threads"]) if "eval_threads" in e and pd.notna(e["eval_threads"]) else 1
+        if gpus:
+            gpu = (gpu or 0.0) + seconds * gpus / 3600
+        else:
+            cpu = (cpu or 0.0) + seconds * threads / 3600
+    return gpu, cpu
+
+
 def cost_table(df: pd.DataFrame, results: Path) -> pd.DataFrame:
-    """Every run's training cost (device-hours measured; FLOPs estimated) beside its best FID."""
+    """Every run's training cost (device-hours measured; FLOPs estimated) and evaluation cost (GPU-hours, or
+    CPU-hours for CPU evaluations) beside its best FID."""
     rows = []
     for run_id, g in df.groupby("run_id", sort=False):
         run = parse_run_id(run_id)
@@ -426,8 +446,11 @@ def cost_table(df: pd.DataFrame, results: Path) -> pd.DataFrame:
         seconds = float((stats["sec_per_kimg"] * stats["kimg"].diff().fillna(stats["kimg"])).sum()) if len(stats) else 0
         params = g["params_m"].iloc[0] * 1e6
         flops = _forward_flops_per_image(results / "runs" / run_id, params) * PASSES_PER_IMAGE[run.method] * kimg * 1e3
+        gpu_h, cpu_h = eval_hours(g)
         rows.append({"run": run_id, "params (M)": f"{params / 1e6:.2f}", "kimg": f"{kimg:.1f}",
                      "device-hours": f"{seconds / 3600:.4f}", "train FLOPs (est.)": f"{flops:.2e}",
+                     "eval GPU-hours": "-" if gpu_h is None else f"{gpu_h:.4f}",
+                     "eval CPU-hours": "-" if cpu_h is None else f"{cpu_h:.4f}",
                      "best FID": _fmt(g["fid"].min()), "at NFE": int(g.loc[g["fid"].idxmin(), "nfe"])})
     return pd.DataFrame(rows)
 
@@ -651,7 +674,8 @@ def build_report(metrics: list[str | Path], results: str | Path, dataset: str,
     write_table(main_table(df, ref, dataset), tables / "main.md", tables / "main.tex",
                 f"{dataset}: FID by method, NFE and size{paper_note}")
     write_ablation_tables(df, results, tables / "ablations.md", tables / "ablations.tex", f"{dataset}: ablations")
-    write_table(cost_table(df, results), tables / "cost.md", None, f"{dataset}: training cost and FID per run")
+    write_table(cost_table(df, results), tables / "cost.md", None,
+                f"{dataset}: training and evaluation cost and FID per run")
     if ref is not None:
         figure1_paper(ref, figures / "figure1_paper.png")
     compute_vs_fid(df, ref, dataset, figures / "compute_vs_fid.png")

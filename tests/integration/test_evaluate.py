@@ -9,6 +9,7 @@ import torch
 
 from scm import config as C
 from scm import evaluate as E
+from scm import extractors
 from scm import metrics as M
 from scm.cli import main
 from scm.train import train
@@ -33,7 +34,8 @@ def fast_extractor(tmp_path_factory):
     """A quickly trained shapes extractor (shared with tests/unit/test_metrics.py within one session)."""
     path = tmp_path_factory.getbasetemp() / "shapes-features-fast.pt"
     if not path.exists():
-        M.train_shapes_extractor(path, steps=300, batch=64, train_images=2048, test_images=512)  # = test_metrics.FAST
+        # = test_metrics.FAST
+        extractors.train_shapes_extractor(path, steps=300, batch=64, train_images=2048, test_images=512)
     return path
 
 
@@ -131,8 +133,9 @@ def test_evaluate_offline_writes_metrics_json(runs, fast_extractor, tmp_path, of
                     "fjd_mean"):
             assert key in e, key
         assert e["run_id"] == "tiny-sct" and e["method"] == "sct" and e["size"] == "tS"
-        assert e["feature_extractor"] == M.SHAPES_EXTRACTOR
-        assert e["ref_stats"].startswith(f"shapes-data1-{M.SHAPES_EXTRACTOR}-") and e["extractor_shapes_version"] == 1
+        assert e["feature_extractor"] == extractors.SHAPES_EXTRACTOR
+        assert e["ref_stats"].startswith(f"shapes-data1-{extractors.SHAPES_EXTRACTOR}-")
+        assert e["extractor_shapes_version"] == 1
         assert len(e["fid"]) == 2 and e["fid_min"] == min(e["fid"]) and e["fid_sd"] is not None
         assert e["fid_max"] == max(e["fid"])
         # Class accuracy per seed set: the classifier's verdict on the seeds' own conditioning labels.
@@ -168,7 +171,7 @@ def test_imported_ref_stats_agree_with_calculate_metrics(runs, fast_extractor, t
     assert main(["data", "ref-stats", "--run-dir", str(run), "--out", str(npz), "--device", "cpu",
                  "--extractor-weights", str(fast_extractor), "--cache-dir", str(tmp_path / "cache")]) == 0
     mu, sigma, meta = M.load_ref_stats(npz)
-    assert mu.shape == (146,) and meta["num_images"] == 256
+    assert mu.shape == (149,) and meta["num_images"] == 256
     kw = dict(steps=[2], num=64, extractor_weights=fast_extractor, cache_dir=tmp_path / "cache", device="cpu",
               kid_subsets=10)
     main_path = E.evaluate_run(run, **kw)[0]
@@ -180,6 +183,48 @@ def test_imported_ref_stats_agree_with_calculate_metrics(runs, fast_extractor, t
 def test_evaluate_errors_are_one_line(runs, tmp_path, capsys):
     rc = main(["evaluate", "--run-dir", str(tmp_path / "missing"), "--steps", "1", "--out", str(tmp_path / "m.json")])
     assert rc == 2 and "train it first" in capsys.readouterr().err
-    rc = main(["evaluate", "--run-dir", str(runs / "tiny-sct"), "--steps", "1", "--extractor", M.INCEPTION_EXTRACTOR,
-               "--extractor-weights", str(tmp_path / "inception.pth"), "--out", str(tmp_path / "m.json")])
+    rc = main(["evaluate", "--run-dir", str(runs / "tiny-sct"), "--steps", "1",
+               "--extractor", extractors.INCEPTION_EXTRACTOR, "--extractor-weights", str(tmp_path / "inception.pth"),
+               "--out", str(tmp_path / "m.json")])
     assert rc == 2 and "scm data fetch-weights inception" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# Sharded evaluation (scm.eval_shards): the same metrics.json as the unsharded path; resumable shards
+
+
+def _compare_entries(sharded: list[dict], plain: list[dict]) -> None:
+    """Same keys; FID (and every metric) equal to float tolerance; bookkeeping equal."""
+    assert [sorted(e) for e in sharded] == [sorted(e) for e in plain]
+    for s, p in zip(sharded, plain, strict=True):
+        for key in ("fid", "fjd", "class_accuracy"):
+            assert s[key] == pytest.approx(p[key], rel=1e-5, abs=1e-6), key
+        for key in ("fid_min", "fid_mean", "kid", "precision", "recall"):
+            assert s[key] == pytest.approx(p[key], rel=1e-5, abs=1e-7), key
+        for key in ("run_id", "steps", "nfe", "seeds", "num_samples", "ref_stats", "extractor_fingerprint"):
+            assert s[key] == p[key], key
+
+
+def test_sharded_evaluation_equals_unsharded_and_resumes(runs, fast_extractor, tmp_path, offline, caplog):
+    run = runs / "tiny-sct"
+    base = ["evaluate", "--run-dir", str(run), "--steps", "1", "2", "--num", "40", "--seed-sets", "2",
+            "--kid-subsets", "10", "--extractor-weights", str(fast_extractor), "--cache-dir", str(tmp_path / "cache"),
+            "--device", "cpu", "--batch", "16"]
+    assert main([*base, "--out", str(tmp_path / "plain.json")]) == 0
+    out = tmp_path / "sharded.json"
+    assert main([*base, "--shards", "3", "--out", str(out)]) == 0
+    plain, sharded = json.loads((tmp_path / "plain.json").read_text()), json.loads(out.read_text())
+    _compare_entries(sharded, plain)
+    shard_dir = tmp_path / "sharded.json.shards"
+    files = sorted(shard_dir.glob("*.npz"))
+    assert len(files) == 2 * 2 * 3  # steps x seed sets x shards
+    # A kill: one shard's file gone (and another truncated) -> only shard 1 runs again, the rest is kept.
+    mtimes = {f.name: f.stat().st_mtime_ns for f in files}
+    (shard_dir / "steps2-set1-shard1of3.npz").unlink()
+    (shard_dir / "steps1-set0-shard1of3.npz").write_bytes(b"PK\x03\x04 torn")
+    caplog.set_level("INFO", logger="scm.eval_shards")
+    assert main([*base, "--shards", "3", "--out", str(out)]) == 0
+    assert "1 of 3 shards to compute (1)" in caplog.text
+    redone = {f.name for f in shard_dir.glob("*.npz") if f.stat().st_mtime_ns != mtimes.get(f.name)}
+    assert redone == {"steps2-set1-shard1of3.npz", "steps1-set0-shard1of3.npz"}
+    _compare_entries(json.loads(out.read_text()), plain)

@@ -25,10 +25,26 @@ def test_lint():
     assert proc.returncode == 0 and "good condition" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
+def with_inputs(study: str, tmp_path: Path, drop: str | None = None) -> str:
+    """A copy of a study whose eval inputs (weights, decoder, reference statistics) are existing dummy files,
+    as after fetching them on the login node; `drop` leaves that one missing."""
+    cfg = yaml.safe_load((ROOT / study).read_text())
+    for key in ("inception", "vae", "dinov2", "ref_stats"):
+        if cfg["eval"].get(key):
+            path = tmp_path / "inputs" / f"{key}{Path(cfg['eval'][key]).suffix}"
+            path.parent.mkdir(exist_ok=True)
+            if key != drop:
+                path.mkdir() if key == "vae" else path.write_bytes(b"dummy")
+            cfg["eval"][key] = str(path)
+    out = tmp_path / Path(study).name
+    out.write_text(yaml.safe_dump(cfg))
+    return str(out)
+
+
 @pytest.mark.parametrize("profile", ["local", "slurm"])
 @pytest.mark.parametrize("study", STUDIES)
-def test_dry_run(study, profile):
-    proc = snakemake("-n", "--configfile", study, "--profile", f"profiles/{profile}")
+def test_dry_run(study, profile, tmp_path):
+    proc = snakemake("-n", "--configfile", with_inputs(study, tmp_path), "--profile", f"profiles/{profile}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     cfg = yaml.safe_load((ROOT / study).read_text())
@@ -37,13 +53,44 @@ def test_dry_run(study, profile):
             assert f"{method}-{size}-base-s0" in out
 
 
-def test_imagenet512_grid_is_the_papers():
-    proc = snakemake("-n", "--configfile", "config/imagenet512.yaml", "--profile", "profiles/slurm")
+def test_imagenet512_grid_is_the_papers(tmp_path):
+    proc = snakemake("-n", "--configfile", with_inputs("config/imagenet512.yaml", tmp_path), "--profile",
+                     "profiles/slurm")
     out = proc.stdout + proc.stderr
     for size in ("S", "M", "L", "XL", "XXL"):
         for method in ("teacher", "scd", "sct"):
             assert f"runs/{method}-{size}-base-s0/final.pt" in out
     assert "sct-S-tangent_warmup_off-s1" in out and "metrics/scd-XXL-base-s0.json" in out
+
+
+def test_imagenet512_evaluations_are_gpu_job_arrays_with_every_input(tmp_path):
+    study = with_inputs("config/imagenet512.yaml", tmp_path)
+    proc = snakemake("-n", "-p", "--configfile", study, "--profile", "profiles/slurm")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [j for j in (proc.stdout + proc.stderr).split("\n\n") if "rule evaluate:" in j]
+    assert len(jobs) == job_stats(proc.stdout + proc.stderr)["evaluate"] > 30
+    inputs = yaml.safe_load(Path(study).read_text())["eval"]
+    for job in jobs:
+        command = job.split("Shell command:", 1)[1]
+        assert "gpu=1" in job.split("resources:", 1)[1].splitlines()[0]  # gpu1-eval: one GPU per task
+        assert "--launcher slurm --shards 16 --cluster gpu1-eval --clusters config/clusters.yaml" in command
+        for flag, key in (("--extractor-weights", "inception"), ("--vae", "vae"), ("--dinov2", "dinov2"),
+                          ("--ref-stats", "ref_stats")):
+            assert f"{flag} {inputs[key]}" in command, (flag, command)
+        teacher = "runs/teacher-" in command
+        assert ("--solver dpm2s --guidance 1.4" in command) == teacher and "--num 50000 --seed-sets 3" in command
+    grids = [j for j in (proc.stdout + proc.stderr).split("\n\n") if "rule samples:" in j]
+    assert grids and all("--launcher slurm --cluster gpu1-eval" in j and "--vae" in j for j in grids)
+
+
+@pytest.mark.parametrize(("study", "drop", "key"), [("config/imagenet512.yaml", "vae", "eval.vae"),
+                                                    ("config/imagenet512.yaml", "ref_stats", "eval.ref_stats"),
+                                                    ("config/cifar10.yaml", "inception", "eval.inception")])
+def test_missing_eval_input_fails_at_dag_build(study, drop, key, tmp_path):
+    proc = snakemake("-n", "--configfile", with_inputs(study, tmp_path, drop=drop), "--profile", "profiles/slurm")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line and not line.startswith("Using profile")]
+    assert len(lines) == 1 and f"{key}: {tmp_path / 'inputs'}" in lines[0] and "not found" in lines[0], proc.stderr
 
 
 TINY_STUDY = {
