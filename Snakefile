@@ -28,5 +28,11 @@ include: "workflow/rules/gmm.smk"
 rule all:
     default_target: True
     input:
-        EXACT_OUTPUTS if EXACT else [rules.report.output, rules.report.input.metrics, rules.report.input.grids],
+        EXACT_OUTPUTS
+        if EXACT
+        else [
+            rules.report.output,
+            rules.report.input.metrics,
+            rules.report.input.grids,
+        ],
         SWEEP_OUTPUTS,

@@ -6,7 +6,7 @@ class-conditional U-Net that shares no network, loss or sampler code with the pr
 blocks with a scale/shift conditioning, no attention, 32 channels x (1, 2, 2), 2 blocks per level (1.57 M
 parameters); random Fourier features of c_noise; EDM preconditioning and loss weighting, log-normal noise
 levels P = (-1.2, 1.2); Adam 1e-3, EMA 0.999 with warmup; Heun's 2nd-order sampler, 16 steps. It trains on
-`scm.data.generate_shapes(num_images, 16, seed=0, version=V)` and, every --eval-every steps, draws
+`scm.shapes.generate_shapes(num_images, 16, seed=0, version=V)` and, every --eval-every steps, draws
 class-conditional samples (labels i % 8, fixed noise) from the EMA network and reports the fraction that
 the project's shapes extractor classifies as their label (`scm.metrics.class_accuracy`). At the end it
 reports the low-noise denoising ratio rmse(D(x0 + sigma n) - x0) / sigma on 256 real images.
@@ -36,8 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scm.data import generate_shapes, save_image_grid
-from scm.metrics import class_accuracy, make_reference, shapes_extractor_path, to_uint8
+from scm.data import save_image_grid
+from scm.extractors import shapes_extractor_path
+from scm.metrics import class_accuracy, make_reference, to_uint8
+from scm.shapes import generate_shapes
 
 SIGMA_DATA = 0.5  # EDM's sigma_data
 SAMPLE_SEED = 12345  # noise of the evaluation samples (the same at every evaluation)

@@ -1,9 +1,8 @@
-"""Checkpoints and run-directory state: atomic writes, checksums, keep-last-K, status files, the run lock.
+"""Checkpoints and run-directory state: checksums, keep-last-K, status files, the run lock.
 
-A checkpoint file is MAGIC + sha256(payload) + payload, where payload is a torch.save of the state.
-Writes go to a temporary file in the same folder, are fsynced, then renamed: a crash leaves either
-the old file or the new one, never half of one. A truncated or corrupt file fails its checksum and
-is skipped with a warning naming it. Written files follow the umask like any other file.
+A checkpoint file is MAGIC + sha256(payload) + payload, where payload is a torch.save of the state,
+written atomically (scm.fileio): a crash leaves either the old file or the new one, never half of one.
+A truncated or corrupt file fails its checksum and is skipped with a warning naming it.
 
 One trainer per run directory: RunLock holds an exclusive flock on RUN_DIR/lock (the OS releases it
 when the holder dies, even by kill -9); the file says who holds it. status.json records the writer's
@@ -21,12 +20,12 @@ import logging
 import os
 import platform
 import re
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from scm.fileio import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,44 +35,6 @@ _NAME = re.compile(r"^checkpoint-(\d{9})\.pt$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (truncated, corrupt, wrong format)."""
-
-
-# ----------------------------------------------------------------------------
-# Atomic file writes.
-
-
-def _umask() -> int:
-    """The process umask: from /proc (Linux >= 4.7), else by setting it and putting it straight back."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600; results are shared on clusters, so give the file the mode open() would
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The `scm` command line: the only argument parser of the project (architecture.md)."""
+"""The `scm` command line: the only argument parser of the project (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import math
 import os
 import sys
 from pathlib import Path
+
+from scm.config import REF_STATS_DIR
 
 log = logging.getLogger("scm")
 
@@ -27,6 +29,31 @@ def cmd_info_sizes(args) -> int:
     print(f"{'size':<6} {'channels':>8} {'params (M)':>11}")
     for r in rows:
         print(f"{r['size']:<6} {r['channels']:>8} {r['params_m']:>11.1f}")
+    return 0
+
+
+def cmd_config_write(args) -> int:
+    from scm import config as C
+    from scm.study import write_yaml
+
+    # The pipeline's run.yaml: a resolved config (checked here, once) written atomically as YAML.
+    cfg = C.from_dict(json.loads(args.json))
+    write_yaml(C.to_dict(cfg), args.out)
+    print(f"wrote {args.out} (config hash {C.config_hash(cfg)})")
+    return 0
+
+
+def cmd_config_fields(args) -> int:
+    from scm import config as C
+
+    # One line per config field: the key an override, ablation file or sweep names, its default and help.
+    print("| key | type | default | choices / range | help |")
+    print("|---|---|---|---|---|")
+    for r in C.field_docs():
+        limits = ", ".join(map(str, r["choices"])) if r.get("choices") else ""
+        if r.get("min") is not None or r.get("max") is not None:
+            limits = f"[{r.get('min', '')}, {r.get('max', '')}]".replace("None", "")
+        print(f"| `{r['key']}` | {r['type']} | {r['default']!r} | {limits} | {r['help']} |")
     return 0
 
 
@@ -287,16 +314,19 @@ def cmd_bench_orchestration(args) -> int:
     print(f"{Path(args.configfile).stem} DAG: {dag.median_s:.2f} s [{dag.min_s:.2f}, {dag.max_s:.2f}] "
           f"(target <= 5) ({dag.note})")
     brought_up = False
-    script = Path(args.cluster_script)
+    script = Path(args.cluster_script) if args.cluster_script else None
+    if args.bring_up and (script is None or not script.exists()):
+        print(f"--bring-up needs --cluster-script PATH (a script with up|down|status), got {script}", file=sys.stderr)
+        return 2
     try:
-        if args.bring_up and script.exists():
+        if args.bring_up:
             if subprocess.run(["bash", str(script), "status"], capture_output=True).returncode != 0:
                 print("bringing the test SLURM cluster up", flush=True)
                 brought_up = True  # even a failed `up` leaves state that `down` cleans
                 subprocess.run(["bash", str(script), "up"], check=False)
         folder = Path(args.out).with_suffix("").with_name("slurm-latency-jobs")
         try:
-            lat = slurm_latency_benchmark(folder, jobs=args.jobs, cluster_script=script)
+            lat = slurm_latency_benchmark(folder, jobs=args.jobs)
         except Exception as e:  # a cluster that goes away mid-run: report, keep the DAG number
             lat = OrchestrationTiming("slurm_submit_to_start", None, None, None, 0,
                                       f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -309,6 +339,33 @@ def cmd_bench_orchestration(args) -> int:
     else:
         print(f"SLURM submit-to-start: {lat.median_s:.2f} s [{lat.min_s:.2f}, {lat.max_s:.2f}] over {lat.repeats} jobs")
     _bench_write(rows, args.out, hw, plot_orchestration)
+    return 0
+
+
+def cmd_bench_overhead(args) -> int:
+    from scm.overhead import breakdown
+
+    wall = args.wall
+    if wall is None:
+        wall_file = Path(args.results) / "benchmarks" / "pipeline-wall.txt"
+        if not wall_file.exists():
+            print(f"scm: error: --wall: not given and no {wall_file} (written by `make run`)", file=sys.stderr)
+            return 2
+        wall = float(wall_file.read_text().split()[0])
+    b = breakdown(args.results, wall, args.cores)
+    print(f"{'rule':<16} {'jobs':>5} {'job s':>9} {'work s':>9} {'overhead s':>11} {'per job':>8}")
+    for r in b["rules"]:
+        print(f"{r['rule']:<16} {r['jobs']:>5} {r['job_s']:>9.1f} {r['work_s']:>9.1f} {r['overhead_s']:>11.1f} "
+              f"{r['overhead_per_job_s']:>8.2f}")
+    slots = b["cores"] * b["wall_s"]
+    print(f"wall {b['wall_s']:.0f} s x {b['cores']} cores = {slots:.0f} core-s: work {b['work_core_s']:.0f} "
+          f"({b['work_core_s'] / slots:.0%}), per-job overhead {b['job_overhead_core_s']:.0f} "
+          f"({b['job_overhead_core_s'] / slots:.0%}), idle {b['idle_core_s']:.0f} ({b['idle_core_s'] / slots:.0%})")
+    print(f"overhead: {b['overhead_share']:.1%} of the wall clock (target <= 10%), {b['jobs']} jobs")
+    if args.out:
+        from scm.fileio import atomic_write_json
+
+        atomic_write_json(args.out, b)
     return 0
 
 
@@ -388,8 +445,24 @@ def _set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def _abs(path):
+    """An absolute path (shard tasks may start in another folder), or None."""
+    return str(Path(path).resolve()) if path else None
+
+
+def _eval_profile(args):
+    """The cluster profile of an evaluation or sampling job (`--cluster`), checked before any work."""
+    from scm import launch
+
+    if args.launcher == "slurm" and not args.cluster:
+        raise UsageError("--cluster: the slurm launcher needs a cluster profile name (see --clusters)")
+    return launch.get_profile(args.clusters, args.cluster) if args.cluster else launch.ClusterProfile()
+
+
 def cmd_sample(args) -> int:
+    from scm import eval_shards as ES
     from scm import evaluate as E
+    from scm.launch import LaunchError
 
     _set_threads(args.threads)
     try:
@@ -402,17 +475,27 @@ def cmd_sample(args) -> int:
             raise ValueError("give --num N (seeds 0..N-1) or --seeds A-B")
         seeds = E.parse_seeds(args.seeds) if args.seeds else list(range(args.num))
         seeds = seeds[:args.num] if args.num else seeds
-        info = E.sample_run(args.run_dir, args.steps, seeds, args.out, batch=args.batch,
-                            shard=E.parse_shard(args.shard), solver=args.solver, guidance=args.guidance,
-                            device=args.device, vae_path=args.vae)
+        _at_least("--shards", args.shards, 1)
+        profile = _eval_profile(args)
+        kwargs = dict(run_dir=args.run_dir, steps=args.steps, seeds=seeds, out_dir=args.out, batch=args.batch,
+                      solver=args.solver, guidance=args.guidance, device=args.device, vae_path=args.vae)
+        if args.shards == 1 and args.launcher == "debug":  # one process: `--shard I/N` as before
+            info = E.sample_run(**kwargs, shard=E.parse_shard(args.shard))
+        else:
+            info = ES.sample_sharded(kwargs, args.shards, args.launcher, profile)
     except (FileNotFoundError, ValueError, ImportError) as e:
         return _user_error(e)
+    except LaunchError as e:  # a failed job (the message carries its log tail) or no SLURM here
+        print(f"scm: error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {info['num']} samples (NFE {info['nfe']}) to {info['out_dir']} in {info['seconds']:.1f} s")
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    from scm import eval_shards as ES
     from scm import evaluate as E
+    from scm.launch import LaunchError
 
     _set_threads(args.threads)
     try:
@@ -425,14 +508,33 @@ def cmd_evaluate(args) -> int:
         _at_least("--kid-subsets", args.kid_subsets, 1)
         _at_least("--guidance", args.guidance, 0.0)
         _check_out_file("--out", args.out)
-        entries = E.evaluate_run(
-            args.run_dir, args.steps, num=args.num, seed_sets=args.seed_sets, first_seed=args.first_seed,
-            batch=args.batch, solver=args.solver, guidance=args.guidance, extractor=args.extractor,
-            extractor_weights=args.extractor_weights, cache_dir=args.cache_dir, ref_stats=args.ref_stats,
-            dinov2=args.dinov2, kid=not args.no_kid, prc=not args.no_prc, kid_subsets=args.kid_subsets,
-            device=args.device, vae_path=args.vae)
+        _at_least("--shards", args.shards, 1)
+        if args.shards > args.num:
+            raise UsageError(f"--shards: {args.shards} shards for --num {args.num} samples; use at most --num")
+        profile = _eval_profile(args)
+        if args.shards == 1 and args.launcher == "debug":  # one process, no shard files: as before
+            entries = E.evaluate_run(
+                args.run_dir, args.steps, num=args.num, seed_sets=args.seed_sets, first_seed=args.first_seed,
+                batch=args.batch, solver=args.solver, guidance=args.guidance, extractor=args.extractor,
+                extractor_weights=args.extractor_weights, cache_dir=args.cache_dir, ref_stats=args.ref_stats,
+                dinov2=args.dinov2, kid=not args.no_kid, prc=not args.no_prc, kid_subsets=args.kid_subsets,
+                device=args.device, vae_path=args.vae)
+        else:  # K shard tasks (resumable shard files under OUT.shards/), then the reduce step
+            spec = ES.EvalSpec(
+                run_dir=str(Path(args.run_dir).resolve()), steps=list(args.steps),
+                shard_dir=str(Path(f"{args.out}.shards").resolve()), shards=args.shards, num=args.num,
+                seed_sets=args.seed_sets, first_seed=args.first_seed, batch=args.batch, solver=args.solver,
+                guidance=args.guidance, extractor=args.extractor, extractor_weights=_abs(args.extractor_weights),
+                cache_dir=str(Path(args.cache_dir).resolve()), ref_stats=_abs(args.ref_stats),
+                dinov2=_abs(args.dinov2), kid=not args.no_kid, prc=not args.no_prc, kid_subsets=args.kid_subsets,
+                device=args.device, vae_path=_abs(args.vae), threads=args.threads)
+            entries = ES.evaluate_sharded(spec, args.launcher, profile)
     except (FileNotFoundError, ValueError, ImportError) as e:
         return _user_error(e)
+    except (LaunchError, ES.ShardsMissingError) as e:  # a failed job (with its log tail), no SLURM here, shards missing
+        print(f"scm: error: {' '.join(str(e).splitlines()[:1])}", file=sys.stderr)
+        print("\n".join(str(e).splitlines()[1:]), file=sys.stderr)
+        return 1
     out = E.write_metrics(entries, args.out)
     fmt = lambda v: "-" if v is None else f"{v:.4g}"
     print(f"{'run':<20} {'steps':>5} {'NFE':>4} {'FID min':>9} {'FID mean':>9} {'sd':>7} {'class acc':>9} "
@@ -453,17 +555,18 @@ def cmd_data_fetch(args) -> int:
 
 
 def cmd_data_fetch_weights(args) -> int:
-    from scm import metrics as M
+    from scm import extractors
+    from scm.fileio import file_fingerprint
 
-    fetch = {"inception": M.fetch_inception_weights, "dinov2": M.fetch_dinov2_weights}[args.what]
+    fetch = {"inception": extractors.fetch_inception_weights, "dinov2": extractors.fetch_dinov2_weights}[args.what]
     out = fetch(args.out)
-    print(f"wrote {out} (sha256[:16] {M.file_fingerprint(out)}); pass it as --extractor-weights / --dinov2")
+    print(f"wrote {out} (sha256[:16] {file_fingerprint(out)}); pass it as --extractor-weights / --dinov2")
     return 0
 
 
 def cmd_data_build_extractor(args) -> int:
-    from scm import metrics as M
-    from scm.data import SHAPES_VERSIONS
+    from scm import extractors
+    from scm.shapes import SHAPES_VERSIONS
 
     if args.shapes_version not in SHAPES_VERSIONS:
         return _user_error(ValueError(f"--shapes-version: unknown version {args.shapes_version}; "
@@ -472,15 +575,15 @@ def cmd_data_build_extractor(args) -> int:
         _at_least("--steps", args.steps, 1)
     except ValueError as e:
         return _user_error(e)
-    out = Path(args.out or M.shapes_extractor_path(args.shapes_version))
+    out = Path(args.out or extractors.shapes_extractor_path(args.shapes_version))
     if out.exists() and not args.force:
         try:
-            meta = M.load_shapes_extractor(out, args.shapes_version)[1]
+            meta = extractors.load_shapes_extractor(out, args.shapes_version)[1]
         except ValueError as e:
             return _user_error(ValueError(f"{e} (or --force retrains)"))
         print(f"{out} exists (test accuracy {meta['test_accuracy']:.4f}); --force retrains")
         return 0
-    meta = M.train_shapes_extractor(out, args.shapes_version, steps=args.steps)
+    meta = extractors.train_shapes_extractor(out, args.shapes_version, steps=args.steps)
     print(f"wrote {out}: {meta['name']} on shapes version {meta['shapes_version']}, test accuracy "
           f"{meta['test_accuracy']:.4f} and reconstruction RMSE {meta['test_recon_rmse']:.4f} on "
           f"{meta['test_images']} held-out images, {meta['train_seconds']:.1f} s")
@@ -548,8 +651,9 @@ def cmd_data_ref_stats(args) -> int:
 def cmd_sweep(args) -> int:
     from scm import launch
     from scm import sweep as S
+    from scm.sweep_spec import load_spec
 
-    spec = S.load_spec(args.study, n_trials=args.n_trials, storage=args.storage)
+    spec = load_spec(args.sweep_file, n_trials=args.n_trials, storage=args.storage)
     profile = launch.get_profile(args.clusters, args.cluster) if args.cluster else None
     out = Path(args.out or f"results/sweeps/{spec.name}")
     def counts(summary: dict) -> None:
@@ -590,22 +694,23 @@ class _Parser(argparse.ArgumentParser):
 
 def cmd_exact(args) -> int:
     import torch
-    import yaml
 
-    from scm import exact, exact_report
-    from scm.checkpoint import atomic_write_json
+    from scm import config as C
+    from scm import exact, exact_report, exact_study
+    from scm.fileio import atomic_write_json
 
     torch.set_num_threads(args.threads)
-    spec = json.loads(args.spec) if args.spec.lstrip().startswith("{") else yaml.safe_load(Path(args.spec).read_text())
+    spec = json.loads(args.spec) if args.spec.lstrip().startswith("{") else C.load_yaml(args.spec, "--spec")
     if args.what == "reference":
         ref, floors = exact.reference_from_spec(spec)
         exact.save_reference({**ref, "floors": floors}, args.out)
         print(f"wrote {args.out}: {len(ref['noise'])} noises, times {[round(t, 4) for t in ref['times']]}, "
               f"floors {json.dumps({k: round(v, 4) for k, v in floors.items()})}")
-    elif args.what == "train":
-        result = exact.run_job(spec, exact.load_reference(args.reference))
+    elif args.what == "train":  # a training group (ExactStudy.group_spec) or one job (ExactStudy.job)
+        ref = exact.load_reference(args.reference)
+        result = exact_study.run_group(spec, ref) if "jobs" in spec else exact_study.run_job(spec, ref)
         atomic_write_json(Path(args.out), result)
-        for run in result["runs"]:
+        for run in (r for job in result.get("jobs", [result]) for r in job["runs"]):
             m = run["metrics"]
             print(f"{run['run_id']}: one-step error {m['err_T']:.4f}, SW 2-step {m['sw_2step']:.4f}, "
                   f"coverage TV {m['tv_2step']:.3f}")
@@ -630,6 +735,14 @@ def build_parser() -> argparse.ArgumentParser:
     sizes = info.add_parser("sizes", help="model sizes with parameter counts (counted on the meta device)")
     sizes.add_argument("--dataset", default="imagenet512")
     sizes.set_defaults(func=cmd_info_sizes)
+
+    conf = sub.add_parser("config", help="run configurations").add_subparsers(dest="what", required=True)
+    fields = conf.add_parser("fields", help="every config field: key, type, default, choices, help (Markdown)")
+    fields.set_defaults(func=cmd_config_fields)
+    cw = conf.add_parser("write", help="write a resolved config (JSON, as the pipeline passes it) as run YAML")
+    cw.add_argument("--json", required=True, help="the config as a JSON object (all sections)")
+    cw.add_argument("--out", required=True)
+    cw.set_defaults(func=cmd_config_write)
 
     tr = sub.add_parser("train", help="train a teacher, sCT or sCD model (resumable: run it again)")
     tr.add_argument("--config", required=True, help="YAML: dataset, size, method and config overrides")
@@ -667,7 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--out", default="results/bench/step.csv", help="CSV; the PNG goes next to it")
     step.set_defaults(func=cmd_bench_step)
 
-    jvp = bsub.add_parser("jvp", help="network forward vs forward_with_tangent vs torch.func.jvp (no grad)")
+    jvp = bsub.add_parser("jvp", help="network forward vs forward_with_tangent vs torch.func.jvp vs the float64 "
+                                      "finite difference (no grad)")
     jvp.add_argument("--sizes", nargs="+", default=["tS", "tM", "tL"])
     jvp.add_argument("--dataset", default="shapes")
     jvp.add_argument("--batch", type=int, default=64)
@@ -706,11 +820,19 @@ def build_parser() -> argparse.ArgumentParser:
     orc.add_argument("--snakemake", default=None, help="snakemake executable (default: next to this Python)")
     orc.add_argument("--repeats", type=int, default=3)
     orc.add_argument("--jobs", type=int, default=5, help="SLURM jobs for the latency measurement")
-    orc.add_argument("--cluster-script", default="tests/slurm/cluster.sh")
+    orc.add_argument("--cluster-script", default=None,
+                     help="script with up/down/status for --bring-up (the checkout's test cluster script)")
     orc.add_argument("--bring-up", action="store_true",
-                     help="bring the test SLURM cluster up if it is down (and down again at the end)")
+                     help="bring the --cluster-script cluster up if it is down (and down again at the end)")
     orc.add_argument("--out", default="results/bench/orchestration.csv")
     orc.set_defaults(func=cmd_bench_orchestration)
+    ovh = bsub.add_parser("overhead", help="a finished pipeline's wall time: work the runs report vs overhead")
+    ovh.add_argument("--results", default="results", help="the study's results folder (benchmarks/, runs/)")
+    ovh.add_argument("--wall", type=float, default=None,
+                     help="the pipeline's wall seconds (default: RESULTS/benchmarks/pipeline-wall.txt)")
+    ovh.add_argument("--cores", type=int, default=2, help="cores the pipeline ran with (snakemake --cores)")
+    ovh.add_argument("--out", default=None, help="also write the breakdown as JSON")
+    ovh.set_defaults(func=cmd_bench_overhead)
 
     smp = sub.add_parser("sample", help="generate PNGs from a finished run's EMA network (deterministic per seed)")
     smp.add_argument("--run-dir", required=True)
@@ -727,6 +849,11 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--vae", default=None, help="local SD VAE folder to decode latents (imagenet512)")
     smp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     smp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    smp.add_argument("--launcher", choices=["debug", "local", "slurm"], default="debug",
+                    help="debug: in this process; local: submitit subprocesses; slurm: a SLURM job array")
+    smp.add_argument("--cluster", default="", help="cluster profile name (see --clusters): the jobs' resources")
+    smp.add_argument("--clusters", default="config/clusters.yaml", help="cluster profiles file")
+    smp.add_argument("--shards", type=int, default=1, help="tasks: seeds[i::K] each; grid.png from the first 64 seeds")
     smp.set_defaults(func=cmd_sample)
 
     ev = sub.add_parser("evaluate", help="FID (min/mean/sd over seed sets), KID, precision/recall -> metrics.json")
@@ -740,10 +867,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--solver", choices=["euler", "heun", "dpm2s"], default=None)
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--extractor", default=None,
-                    help="scm-shapes-v2 (default for shapes) or inception-v3-compat (default otherwise)")
+                    help="scm-shapes-v3 (default for shapes) or inception-v3-compat (default otherwise)")
     ev.add_argument("--extractor-weights", default=None,
                     help="local weights: the shapes artifact (trained if missing) or the Inception file")
-    ev.add_argument("--cache-dir", default="results/cache/ref-stats", help="reference statistics and features")
+    ev.add_argument("--cache-dir", default=REF_STATS_DIR, help="reference statistics and features")
     ev.add_argument("--ref-stats", default=None, help="imported reference statistics (EDM .npz / EDM2 .pkl)")
     ev.add_argument("--dinov2", default=None, help="local DINOv2 model file: adds fd_dinov2")
     ev.add_argument("--no-kid", action="store_true")
@@ -752,6 +879,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--vae", default=None)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ev.add_argument("--launcher", choices=["debug", "local", "slurm"], default="debug",
+                    help="debug: in this process; local: submitit subprocesses; slurm: a SLURM job array")
+    ev.add_argument("--cluster", default="", help="cluster profile name (see --clusters): the jobs' resources")
+    ev.add_argument("--clusters", default="config/clusters.yaml", help="cluster profiles file")
+    ev.add_argument("--shards", type=int, default=1,
+                    help="tasks: seeds[i::K] of every seed set each; OUT.shards/ keeps finished shards on a re-run")
     ev.set_defaults(func=cmd_evaluate)
 
     data = sub.add_parser("data", help="datasets, feature-extractor weights, reference statistics")
@@ -779,7 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--ref-images", type=int, default=2048, help="reference set size (the study's data.num_images)")
     cal.add_argument("--seed-sets", type=int, default=3)
     cal.add_argument("--run", action="append", help="LABEL=RUN_DIR:STEPS: a run's samples as a row (repeatable)")
-    cal.add_argument("--cache-dir", default="results/cache/ref-stats")
+    cal.add_argument("--cache-dir", default=REF_STATS_DIR)
     cal.add_argument("--out", default=None, help="also write the markdown table here")
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -793,13 +926,13 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--out", required=True)
     rs.add_argument("--extractor", default=None)
     rs.add_argument("--extractor-weights", default=None)
-    rs.add_argument("--cache-dir", default="results/cache/ref-stats")
+    rs.add_argument("--cache-dir", default=REF_STATS_DIR)
     rs.add_argument("--device", default="auto")
     rs.set_defaults(func=cmd_data_ref_stats)
 
     sw = sub.add_parser("sweep", help="Optuna sweep: N workers on one study -> best.yaml, trials.csv, figures "
                         "(resumable: run it again)")
-    sw.add_argument("--study", required=True, help="study file (config/sweeps/*.yaml): space, base run, objective")
+    sw.add_argument("--sweep-file", required=True, help="sweep file (config/sweeps/*.yaml): space, base run, objective")
     sw.add_argument("--workers", type=int, default=1, help="workers optimizing the study concurrently")
     sw.add_argument("--launcher", choices=["debug", "local", "slurm"], default="local",
                     help="debug: one worker in this process; local: subprocesses; slurm: a job array")
@@ -807,17 +940,17 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--clusters", default="config/clusters.yaml", help="cluster profiles file")
     sw.add_argument("--out", default=None, help="output folder (default results/sweeps/<study name>)")
     sw.add_argument("--figures", default=None, help="plots folder (default: the study's 'figures' or OUT/figures)")
-    sw.add_argument("--n-trials", type=int, default=None, help="trial budget (overrides the study file)")
-    sw.add_argument("--storage", default=None, help="journal file or RDB URL (overrides the study file)")
+    sw.add_argument("--n-trials", type=int, default=None, help="trial budget (overrides the sweep file)")
+    sw.add_argument("--storage", default=None, help="journal file or RDB URL (overrides the sweep file)")
     sw.add_argument("--restart", action="store_true",
-                    help="the study file changed, or the journal lost the study: move the old journal and "
+                    help="the sweep file changed, or the journal lost the study: move the old journal and "
                     "outputs aside and start afresh")
     sw.set_defaults(func=cmd_sweep)
 
     ex = sub.add_parser("exact", help="the exact-answer study on a Gaussian mixture (used by the pipeline)")
     ex.add_argument("what", choices=["reference", "train", "map2d", "report"],
-                    help="reference: fixed noises + exact ODE solution; train: train and score every seed of one "
-                         "technique; map2d: the 2-D picture; report: table and figures")
+                    help="reference: fixed noises + exact ODE solution; train: train and score every seed of the "
+                         "techniques of one group; map2d: the 2-D picture; report: table and figures")
     ex.add_argument("--spec", required=True,
                     help="the step's spec: inline JSON (what the pipeline passes) or a YAML file")
     ex.add_argument("--reference", help="reference.pt from `scm exact reference` (train, report)")

@@ -1,8 +1,8 @@
 """Configuration: dataclasses, the preset table, strict dotted overrides.
 
-One source of truth for every hyperparameter: the field defaults below plus PRESETS (method.md §6).
+One source of truth for every hyperparameter: the field defaults below plus PRESETS (the paper's settings, App. G).
 Ablations, sweeps and the CLI only override fields by dotted key (`loss.tangent_norm=clip`).
-Each field carries metadata: `help` (documentation, also exported to the JSON schema), and
+Each field carries metadata: `help` (documentation: `scm config fields` lists every field), and
 optionally `choices`, `min`, `max`.
 """
 
@@ -67,13 +67,17 @@ def opt(default, help: str, choices=None, min=None, max=None):
     return field(default=default, metadata=meta)
 
 
+# Default locations (a study's own `results` folder overrides the first part).
+REF_STATS_DIR = "results/cache/ref-stats"  # reference statistics and features of real data, per extractor
+
 # ----------------------------------------------------------------------------
 # The sections of a run configuration.
 
 
 @dataclass
 class DataConfig:
-    name: str = opt("shapes", "Dataset: the embedded 'shapes' set, 'gmm', 'cifar10', or an EDM2 ZIP ('zip').",
+    name: str = opt("shapes", "Dataset: the embedded 'shapes' set, 'gmm', 'cifar10', 'imagenet64', "
+                    "'imagenet512' (EDM2 ZIPs), or your own EDM2 ZIP ('zip').",
                     choices=["shapes", "gmm", "cifar10", "imagenet64", "imagenet512", "zip"])
     path: str = opt("", "Dataset location (ZIP file or folder) for real datasets; empty for embedded ones.")
     resolution: int = opt(16, "Image side length in pixels (latent side length for latents; 1 = a vector).", min=1)
@@ -82,7 +86,10 @@ class DataConfig:
     num_images: int = opt(2048, "Size of the embedded dataset (shapes/gmm).", min=1)
     gmm_components: int = opt(8, "gmm: number of mixture components K (unequal weights and widths).", min=1)
     gmm_seed: int = opt(0, "gmm: seed of the mixture's parameters (means, widths, weights).", min=0)
-    shapes_version: int = opt(1, "Version of the embedded shapes renderer (scm.data.SHAPES_VERSIONS).", min=1)
+    gmm_mean_resolution: int = opt(0, "gmm: each component mean is an image drawn at this side length and "
+                                      "upsampled by repetition (1 = flat-colour means); 0 = independent pixels.",
+                                   min=0)
+    shapes_version: int = opt(1, "Version of the embedded shapes renderer (scm.shapes.SHAPES_VERSIONS).", min=1)
     latent_mean: list = opt([], "Per-channel mean of latents (imagenet512: [1.56, -0.695, 0.483, 0.729]).")
     latent_std: list = opt([], "Per-channel std of latents (imagenet512: [5.27, 5.91, 4.21, 4.31]).")
     xflip: bool = opt(False, "Augment with horizontal flips.")
@@ -99,7 +106,8 @@ class NetworkConfig:
     dropout: float = opt(0.0, "Dropout probability in residual blocks.", min=0.0, max=1.0)
     label_dropout: float = opt(0.0, "Probability of dropping the class label (for CFG teachers: 0.1).",
                                min=0.0, max=1.0)
-    time_embedding: str = opt("positional", "Time embedding: sinusoidal positional (sCM) or random Fourier (EDM).",
+    time_embedding: str = opt("positional", "Time embedding: sinusoidal positional (sCM) or random "
+                                            "fourier features (EDM).",
                               choices=["positional", "fourier"])
     time_embedding_scale: float = opt(1.0, "Frequency scale of the time embedding (Fourier: 16 in EDM/NCSN++; "
                                            "sCM needs a small one).", min=0.0)
@@ -108,8 +116,10 @@ class NetworkConfig:
     adagn: str = opt("double", "Adaptive group norm: double (pixel-normed scale and shift, sCM) or plain.",
                      choices=["double", "plain"])
     guidance_input: bool = opt(False, "Add a guidance-scale input (CFG distillation).")
-    attention: str = opt("math", "Attention implementation: math (N x N) or blockwise (online softmax, O(N) JVP).",
-                         choices=["math", "blockwise", "triton"])
+    attention: str = opt("math", "Attention implementation: math (N x N), blockwise (online softmax, O(N) JVP, "
+                                 "pure PyTorch), triton (the fused flash-attention + JVP kernel; CUDA), or auto "
+                                 "(triton on CUDA where it applies, blockwise elsewhere; logged at network build).",
+                         choices=["math", "blockwise", "triton", "auto"])
     attn_block_size: int = opt(64, "Key/query block size of blockwise attention.", min=1)
     logvar_channels: int = opt(128, "Width of the Fourier features of the adaptive-weighting head w_phi(t).", min=1)
 
@@ -126,9 +136,15 @@ class LossConfig:
     tangent_norm_c: float = opt(0.1, "The constant c of tangent normalization.", min=0.0)
     adaptive_weighting: bool = opt(True, "Learned adaptive weighting w_phi(t); off means w = 0.")
     jvp_rearrangement: bool = opt(True, "JVP with tangents (cos t sin t dx/dt, cos t sin t sigma_d) (FP16-safe).")
-    jvp_impl: str = opt("manual", "JVP engine: hand-propagated tangents sharing the primal (manual) or torch.func.jvp.",
-                        choices=["manual", "func"])
-    time: str = opt("continuous", "Continuous-time tangent (JVP) or discrete-time finite difference with N steps.",
+    jvp_impl: str = opt("manual", "JVP engine: hand-propagated tangents sharing the primal (manual), torch.func.jvp "
+                                  "(func), or a central difference of F- in float64 along the same tangents "
+                                  "(finite_difference: any attention kernel, no forward-mode AD needed).",
+                        choices=["manual", "func", "finite_difference"])
+    jvp_fd_step: float = opt(1e-5, "finite_difference: step h, the RMS of the input perturbation per sample; "
+                                   "error ~ h^2 down to float64 round-off ~ 1e-16 / h, so h ~ cbrt(1e-16).",
+                             min=1e-12, max=1.0)
+    time: str = opt("continuous", "continuous: the exact tangent (JVP); discrete: a finite "
+                                  "difference over N time steps.",
                     choices=["continuous", "discrete"])
     discrete_steps: int = opt(1024, "N of the discrete-time variant: step dt = (pi/2) / N.", min=1)
     guidance_min: float = opt(1.0, "sCD with CFG: guidance scale s ~ U[guidance_min, guidance_max].", min=0.0)
@@ -137,7 +153,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = opt("adam", "Optimizer.", choices=["adam", "radam"])
+    name: str = opt("adam", "Optimizer: adam or radam (the paper's CIFAR-10 CMs).", choices=["adam", "radam"])
     lr: float = opt(1e-2, "Peak learning rate.", min=0.0)
     beta1: float = opt(0.9, "Adam beta1.", min=0.0, max=1.0)
     beta2: float = opt(0.99, "Adam beta2.", min=0.0, max=1.0)
@@ -149,7 +165,7 @@ class OptimConfig:
 
 @dataclass
 class EMAConfig:
-    kind: str = opt("power", "EMA: EDM2 power function (sigma_rel) or half-life in kimg.",
+    kind: str = opt("power", "EMA: EDM2 power function (sigma_rel), halflife (in kimg), or none.",
                     choices=["power", "halflife", "none"])
     sigma_rel: float = opt(0.05, "Relative std of the power-function EMA profile (EDM2).", min=0.0, max=0.28)
     halflife_kimg: float = opt(500.0, "EMA half-life in thousands of images.", min=0.0)
@@ -161,20 +177,21 @@ class SamplerConfig:
     sigma_max: float = opt(80.0, "Starting noise level: t_max = arctan(sigma_max / sigma_d).", min=0.0)
     t_mid: float = opt(1.1, "Intermediate time of 2-step consistency sampling (TrigFlow units).",
                        min=0.0, max=math.pi / 2)
-    teacher_solver: str = opt("dpm2s", "Teacher PF-ODE solver.", choices=["euler", "heun", "dpm2s"])
+    teacher_solver: str = opt("dpm2s", "Teacher PF-ODE solver: euler, heun, or dpm2s "
+                                                  "(DPM-Solver-2S, the paper's).", choices=["euler", "heun", "dpm2s"])
     teacher_steps: int = opt(32, "Teacher solver steps (DPM-Solver-2S: NFE = 2 x steps - 1).", min=1)
     guidance: float = opt(1.0, "Classifier-free guidance scale at sampling (1.0 = none).", min=0.0)
 
 
 @dataclass
 class RunConfig:
-    method: str = opt("teacher", "What to train: the TrigFlow teacher, sCT (from scratch) or sCD (distillation).",
+    method: str = opt("teacher", "What to train: the TrigFlow teacher, sct (from scratch) or scd (distillation).",
                       choices=["teacher", "sct", "scd"])
     size: str = opt("tS", "Model size: a key of scm.config.SIZES.")
     seed: int = opt(0, "Random seed.", min=0)
     batch_size: int = opt(64, "Global batch size.", min=1)
     total_kimg: float = opt(64.0, "Training length in thousands of images.", min=0.0)
-    precision: str = opt("fp32", "Autocast precision.", choices=["fp32", "bf16", "fp16"])
+    precision: str = opt("fp32", "Autocast precision: fp32, bf16 or fp16.", choices=["fp32", "bf16", "fp16"])
     device: str = opt("auto", "Device: auto, cpu, cuda.", choices=["auto", "cpu", "cuda"])
     threads: int = opt(0, "CPU threads for torch (0 = torch's default; 1 when several runs share a machine).",
                        min=0)
@@ -184,6 +201,9 @@ class RunConfig:
     log_kimg: float = opt(1.0, "Write a stats line every this many kimg.", min=0.0)
     max_bad_batches: int = opt(0, "Skip up to this many NaN/Inf batches before failing.", min=0)
     eval_kimg: float = opt(0.0, "Report FID during training every this many kimg (sweeps); 0 = off.", min=0.0)
+    tracker: str = opt("none", "Mirror stats.jsonl and sample grids to none, tensorboard (RUN_DIR/tensorboard) or "
+                       "wandb (offline without network); scm.tracking.", choices=["none", "tensorboard", "wandb"])
+    tracker_project: str = opt("scm-bench", "Weights & Biases project of run.tracker=wandb.")
 
 
 @dataclass
@@ -199,7 +219,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------
-# Model sizes: EDM2's ladder (method.md §6) and a CPU ladder of the same shape (1/16 of the width).
+# Model sizes: EDM2's ladder (Karras et al. 2024, Table 2) and a CPU ladder of the same shape (1/16 of the width).
 
 SIZES: dict[str, int] = {
     "S": 192, "M": 256, "L": 320, "XL": 384, "XXL": 448,
@@ -222,46 +242,78 @@ DATASETS: dict[str, dict[str, Any]] = {
     "imagenet512": {"data.resolution": 64, "data.channels": 4, "data.label_dim": 1000,
                     "data.latent_mean": [1.56, -0.695, 0.483, 0.729],
                     "data.latent_std": [5.27, 5.91, 4.21, 4.31]},
+    "zip": {},  # shape and labels are the study's data.* keys
 }
 
 # ----------------------------------------------------------------------------
-# PRESETS: one line per (dataset, size) with the paper's hyperparameters (method.md §6).
-# teacher_lr: teacher learning rate; the CM learning rate is teacher_lr x cm_lr_factor (paper: 0.01).
-# P: (P_mean, P_std) for teacher and CM; iters: training iterations per method; dropout: teacher (sCT) value.
+# PRESETS: one entry per (dataset, size) with the paper's hyperparameters (App. G), like EDM2's config table.
 
-_P = ("teacher_P", "cm_P", "teacher_lr", "cm_lr_factor", "batch", "iters", "dropout", "extra")
-PRESETS: dict[tuple[str, str], dict[str, Any]] = {
-    # CIFAR-10 (DDPM++-like width; Adam 1e-3 teacher, RAdam 1e-4 CM, half-life EMA 0.5 Mimg).
-    ("cifar10", "S"): dict(zip(_P, ((-1.2, 1.2), (-1.0, 1.4), 1e-3, 0.1, 512,
-                                    {"teacher": 400_000, "sct": 400_000, "scd": 400_000}, 0.13,
-                                    {"network.model_channels": 128, "network.channel_mult": [2, 2, 2],
-                                     "network.num_blocks": 4, "network.attn_resolutions": [16],
-                                     "optim.beta2": 0.999, "ema.kind": "halflife", "ema.halflife_kimg": 500.0,
-                                     "sampler.teacher_steps": 18, "cm.optim.name": "radam", "cm.optim.beta2": 0.99,
-                                     "cm.network.dropout.sct": 0.20, "cm.network.dropout.scd": 0.0}))),
+
+@dataclass(frozen=True)
+class Preset:
+    """The recipe of one (dataset, size). The CM learning rate is teacher_lr x cm_lr_factor (paper: 0.01)."""
+    teacher_P: tuple[float, float]          # (P_mean, P_std) of the teacher's noise proposal
+    cm_P: tuple[float, float]               # (P_mean, P_std) of sCT / sCD
+    teacher_lr: float
+    cm_lr_factor: float
+    batch: int
+    iters: dict[str, int]                   # training iterations per method (teacher, sct, scd)
+    dropout: float                          # network dropout (a method's own overrides may change it)
+    common: dict[str, Any] = field(default_factory=dict)    # dotted overrides for every method...
+    cm: dict[str, Any] = field(default_factory=dict)        # ...then for sCT and sCD...
+    sct: dict[str, Any] = field(default_factory=dict)       # ...then for one of them
+    scd: dict[str, Any] = field(default_factory=dict)
+
+
+def _iters(teacher: int, sct: int, scd: int) -> dict[str, int]:
+    return {"teacher": teacher, "sct": sct, "scd": scd}
+
+
+# The recipes: what every size of a dataset shares. Each preset line adds what varies with the size.
+# CIFAR-10 (DDPM++-like width; Adam 1e-3 teacher, RAdam 1e-4 CM, half-life EMA 0.5 Mimg).
+_CIFAR10 = dict(
+    teacher_P=(-1.2, 1.2), cm_P=(-1.0, 1.4), cm_lr_factor=0.1, batch=512, iters=_iters(400_000, 400_000, 400_000),
+    common={"network.model_channels": 128, "network.channel_mult": [2, 2, 2], "network.num_blocks": 4,
+            "network.attn_resolutions": [16], "optim.beta2": 0.999, "ema.kind": "halflife",
+            "ema.halflife_kimg": 500.0, "sampler.teacher_steps": 18},
+    cm={"optim.name": "radam", "optim.beta2": 0.99},
+    sct={"network.dropout": 0.20}, scd={"network.dropout": 0.0})
+# ImageNet 64x64: EDM2's config (Adam eps 1e-11, betas (0.9, 0.99), batch 2048, t_ref 35k).
+_IMAGENET64 = dict(
+    teacher_P=(-0.8, 1.6), cm_P=(-1.0, 1.6), cm_lr_factor=0.01, batch=2048, iters=_iters(400_000, 400_000, 400_000),
+    common={"optim.eps": 1e-11, "optim.lr_ref_iters": 35_000, "sampler.teacher_steps": 32})
+# ImageNet 512x512 latents: t_ref 70k, sCT 100k / sCD 200k iters, CFG distillation s ~ U[1, 2].
+_IMAGENET512 = dict(
+    teacher_P=(-0.4, 1.0), cm_P=(-0.8, 1.6), cm_lr_factor=0.01, batch=2048, iters=_iters(400_000, 100_000, 200_000),
+    common={"optim.eps": 1e-11, "optim.lr_ref_iters": 70_000, "sampler.teacher_steps": 32,
+            "network.label_dropout": 0.1, "sampler.guidance": 1.4},
+    cm={"loss.guidance_min": 1.0, "loss.guidance_max": 2.0, "network.guidance_input": True})
+# The embedded CPU studies: the same recipe at a small batch, short runs and a faster CM learning rate;
+# sCT from scratch needs the teacher's rate on this budget (the default sweep's best trials: lr 0.010-0.014).
+_CPU = dict(
+    teacher_P=(-0.8, 1.6), cm_P=(-1.0, 1.6), teacher_lr=1e-2, cm_lr_factor=0.1, batch=64,
+    iters=_iters(2000, 1000, 1000), dropout=0.0,
+    common={"optim.lr_ref_iters": 1000, "loss.warmup_iters": 50, "ema.sigma_rel": 0.1,
+            "sampler.teacher_steps": 16, "run.checkpoint_kimg": 16.0},
+    sct={"optim.lr": 1e-2})
+
+PRESETS: dict[tuple[str, str], Preset] = {
+    ("cifar10", "S"):       Preset(teacher_lr=1e-3,   dropout=0.13, **_CIFAR10),
+    ("imagenet64", "S"):    Preset(teacher_lr=1e-2,   dropout=0.0,  **_IMAGENET64),
+    ("imagenet64", "M"):    Preset(teacher_lr=9e-3,   dropout=0.0,  **_IMAGENET64),
+    ("imagenet64", "L"):    Preset(teacher_lr=8e-3,   dropout=0.0,  **_IMAGENET64),
+    ("imagenet64", "XL"):   Preset(teacher_lr=7e-3,   dropout=0.0,  **_IMAGENET64),
+    ("imagenet512", "S"):   Preset(teacher_lr=1e-2,   dropout=0.0,  **_IMAGENET512),
+    ("imagenet512", "M"):   Preset(teacher_lr=9e-3,   dropout=0.1,  **_IMAGENET512),
+    ("imagenet512", "L"):   Preset(teacher_lr=8e-3,   dropout=0.1,  **_IMAGENET512),
+    ("imagenet512", "XL"):  Preset(teacher_lr=7e-3,   dropout=0.1,  **_IMAGENET512),
+    ("imagenet512", "XXL"): Preset(teacher_lr=6.5e-3, dropout=0.1,  **_IMAGENET512),
+    **{(dataset, size): Preset(**_CPU) for dataset in ("shapes", "gmm") for size in CPU_SIZES},
 }
-for _size, _lr in zip(PAPER_SIZES[:4], (1e-2, 9e-3, 8e-3, 7e-3)):
-    # ImageNet 64x64: EDM2 config, Adam eps 1e-11, betas (0.9, 0.99), batch 2048, t_ref 35k.
-    PRESETS[("imagenet64", _size)] = dict(zip(_P, (
-        (-0.8, 1.6), (-1.0, 1.6), _lr, 0.01, 2048, {"teacher": 400_000, "sct": 400_000, "scd": 400_000}, 0.0,
-        {"optim.eps": 1e-11, "optim.lr_ref_iters": 35_000, "sampler.teacher_steps": 32})))
-for _size, _lr, _drop in zip(PAPER_SIZES, (1e-2, 9e-3, 8e-3, 7e-3, 6.5e-3), (0.0, 0.1, 0.1, 0.1, 0.1)):
-    # ImageNet 512x512 latents: t_ref 70k, sCT 100k / sCD 200k iters, CFG distillation s ~ U[1, 2].
-    PRESETS[("imagenet512", _size)] = dict(zip(_P, (
-        (-0.4, 1.0), (-0.8, 1.6), _lr, 0.01, 2048, {"teacher": 400_000, "sct": 100_000, "scd": 200_000}, _drop,
-        {"optim.eps": 1e-11, "optim.lr_ref_iters": 70_000, "sampler.teacher_steps": 32,
-         "network.label_dropout": 0.1, "sampler.guidance": 1.4,
-         "cm.loss.guidance_min": 1.0, "cm.loss.guidance_max": 2.0, "cm.network.guidance_input": True})))
-for _size in CPU_SIZES:
-    # The embedded CPU study: same recipe, small batch, short runs, faster CM learning rate.
-    for _ds in ("shapes", "gmm"):
-        PRESETS[(_ds, _size)] = dict(zip(_P, (
-            (-0.8, 1.6), (-1.0, 1.6), 1e-2, 0.1, 64, {"teacher": 2000, "sct": 1000, "scd": 1000}, 0.0,
-            {"optim.lr_ref_iters": 1000, "loss.warmup_iters": 50, "ema.sigma_rel": 0.1,
-             "sampler.teacher_steps": 16, "run.checkpoint_kimg": 16.0,
-             # sCT from scratch on the CPU budget needs the teacher's rate (the default sweep's best
-             # trials: lr 0.010-0.014); sCD keeps teacher lr x 0.1
-             "cm.optim.lr.sct": 1e-2})))
+# Your own EDM2 dataset ZIP (`data.name: zip`, with data.path/resolution/channels/label_dim set): EDM2's
+# ImageNet 64x64 recipe at each of its sizes.
+for _size in PAPER_SIZES[:4]:
+    PRESETS[("zip", _size)] = PRESETS[("imagenet64", _size)]
 
 
 def preset_datasets() -> list[str]:
@@ -289,28 +341,20 @@ def preset_overrides(dataset: str, size: str, method: str) -> dict[str, Any]:
                           f"{known}", key="run.size")
     p = PRESETS[(dataset, size)]
     cm = method != "teacher"
-    P_mean, P_std = p["cm_P"] if cm else p["teacher_P"]
-    lr = p["teacher_lr"] * (p["cm_lr_factor"] if cm else 1.0)
+    P_mean, P_std = p.cm_P if cm else p.teacher_P
     out: dict[str, Any] = {
         "data.name": dataset, **DATASETS[dataset],
         "network.model_channels": SIZES[size], "run.size": size, "run.method": method,
-        "loss.P_mean": P_mean, "loss.P_std": P_std, "optim.lr": lr, "run.batch_size": p["batch"],
-        "run.total_kimg": p["iters"][method] * p["batch"] / 1000, "network.dropout": p["dropout"],
+        "loss.P_mean": P_mean, "loss.P_std": P_std, "optim.lr": p.teacher_lr * (p.cm_lr_factor if cm else 1.0),
+        "run.batch_size": p.batch, "run.total_kimg": p.iters[method] * p.batch / 1000,
+        "network.dropout": p.dropout,
     }
+    # Overrides from general to specific; CMs train at a constant learning rate (no schedule).
+    out.update(p.common)
     if cm:
-        out["optim.lr_ref_iters"] = 0  # CMs train at a constant learning rate (no schedule)
-    for key, value in p["extra"].items():
-        if key.startswith("cm."):  # CM-only settings; per-method ones end in .sct / .scd
-            if not cm:
-                continue
-            key = key[3:]
-            if key.endswith((".sct", ".scd")):
-                key, which = key.rsplit(".", 1)
-                if which != method:
-                    continue
-        elif cm and key == "optim.lr_ref_iters":
-            continue
-        out[key] = value
+        out["optim.lr_ref_iters"] = 0
+        out.update(p.cm)
+        out.update(p.sct if method == "sct" else p.scd)
     return out
 
 
@@ -425,6 +469,19 @@ def _apply_override(cfg: Config, key: str, raw: Any) -> None:
         setattr(obj, name, value)
 
 
+def check_overrides(overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """Dotted overrides (nested dicts allowed) checked field by field (key, type, range) without resolving a
+    run; returns them flat. Errors start with `where` (the file or the key the overrides came from)."""
+    flat = flatten(overrides)
+    probe = Config()
+    for key, value in flat.items():
+        try:
+            apply_override(probe, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}", key=e.key) from None
+    return flat
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict (as from YAML) -> dotted keys; lists stay values."""
     out: dict[str, Any] = {}
@@ -465,6 +522,9 @@ def validate(cfg: Config) -> Config:
     if cfg.data.resolution % (2 ** (len(cfg.network.channel_mult) - 1)):
         raise ConfigError(f"data.resolution={cfg.data.resolution} must be divisible by "
                           f"2^(len(network.channel_mult) - 1) = {2 ** (len(cfg.network.channel_mult) - 1)}")
+    if cfg.data.gmm_mean_resolution and cfg.data.resolution % cfg.data.gmm_mean_resolution:
+        raise ConfigError(f"data.gmm_mean_resolution={cfg.data.gmm_mean_resolution} must divide "
+                          f"data.resolution={cfg.data.resolution}", key="data.gmm_mean_resolution")
     return cfg
 
 
@@ -490,9 +550,13 @@ def canonical_key(key: str) -> str:
 
 def resolve_from_dict(d: dict[str, Any], extra: dict[str, Any] | None = None) -> Config:
     """Resolve a config file's contents: `dataset`, `size`, `method` pick the preset; the rest are overrides.
-    `extra` (dotted keys) wins over `d`, whichever spelling (`method` or `run.method`) each uses."""
+    `extra` (dotted keys) wins over `d`, whichever spelling (`method` or `run.method`) each uses.
+    A complete config (every field: a pipeline's run.yaml, config.json, a sweep's best.yaml) is taken as
+    it is: it was resolved once already, and presets would only be overwritten."""
     flat = {canonical_key(k): v for k, v in flatten(d).items()}
     flat.update({canonical_key(k): v for k, v in (extra or {}).items()})
+    if set(flat) >= {row["key"] for row in field_docs()}:
+        return from_dict(flat)
     dataset = flat.pop("data.name", "shapes")
     size = flat.pop("run.size", "tS")
     method = flat.pop("run.method", "teacher")
@@ -511,9 +575,17 @@ def from_dict(d: dict[str, Any]) -> Config:
     return validate(cfg)
 
 
+# Settings that do not change what a run computes: a run directory is resumed across changes of these.
+IDENTITY_NEUTRAL = {"run.tracker", "run.tracker_project"}
+
+
 def config_hash(cfg: Config) -> str:
-    """Short stable hash of the resolved config (for run.json and cache keys)."""
-    text = json.dumps(to_dict(cfg), sort_keys=True)
+    """Short stable hash of the resolved config without IDENTITY_NEUTRAL keys (run identity, cache keys)."""
+    d = to_dict(cfg)
+    for key in IDENTITY_NEUTRAL:
+        section, name = key.split(".")
+        d[section].pop(name, None)
+    text = json.dumps(d, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

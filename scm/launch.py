@@ -28,7 +28,8 @@ from typing import Any
 import submitit
 
 from scm import config as C
-from scm.checkpoint import RunLock, atomic_write_json, pid_alive, read_status
+from scm.checkpoint import RunLock, pid_alive, read_status
+from scm.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def _init_distributed() -> None:
 class TrainJob(submitit.helpers.Checkpointable):
     """Runs scm.train.train(cfg, run_dir); on USR2 saves a checkpoint and asks to be requeued."""
 
-    def __init__(self, cfg: dict, run_dir: str, on_config_change: str = "error"):
+    def __init__(self, cfg: C.Config, run_dir: str, on_config_change: str = "error"):
         self.cfg, self.run_dir, self.on_config_change = cfg, run_dir, on_config_change
 
     def __call__(self) -> dict:
@@ -180,7 +181,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             _init_distributed()
         except RuntimeError:  # not inside a submitit job (direct call)
             pass
-        return train(C.from_dict(self.cfg), self.run_dir, on_config_change=self.on_config_change)
+        return train(self.cfg, self.run_dir, on_config_change=self.on_config_change)
 
     def checkpoint(self, *args, **kwargs):
         from scm.train import request_checkpoint
@@ -241,12 +242,24 @@ def _reattach(run_dir: Path, launcher: str):
     return None
 
 
+def _final_is_good(run_dir: Path) -> bool:
+    """final.pt passes its checksum (a corrupt one is repaired by the job's training, so submit)."""
+    from scm.checkpoint import CheckpointError, verify_checkpoint
+
+    try:
+        verify_checkpoint(run_dir / "final.pt")
+        return True
+    except (CheckpointError, OSError) as e:
+        log.warning("%s/final.pt is corrupt (%s): submitting to re-create it", run_dir, e)
+        return False
+
+
 def submit(cfg: C.Config, run_dir: str | Path, launcher: str = "local", profile: ClusterProfile | None = None,
            on_config_change: str = "error"):
     """Submit training (or re-attach to the job already running for run_dir); returns the submitit job.
 
     Raises AlreadyCompleted when there is nothing to do (also after waiting for another trainer)."""
-    from scm.train import check_teacher, prepare_run_dir
+    from scm.train import check_teacher, mismatch_error, run_dir_state
 
     upstream = check_teacher(cfg)  # bad input: before the run directory exists
     run_dir = Path(run_dir).resolve()
@@ -261,13 +274,17 @@ def submit(cfg: C.Config, run_dir: str | Path, launcher: str = "local", profile:
         job = _reattach(run_dir, launcher)
         if job is not None:
             return job
-        if prepare_run_dir(cfg, run_dir, on_config_change, upstream).get("state") == "completed":
+        # Judge only (the job's train() prepares the directory): a wrong run here fails before submitting.
+        status, mismatch = run_dir_state(cfg, run_dir, upstream)
+        if mismatch is not None and on_config_change != "restart":
+            raise mismatch_error(run_dir, mismatch)
+        if mismatch is None and status.get("state") == "completed" and _final_is_good(run_dir):
             raise AlreadyCompleted(f"{run_dir} is already completed; nothing to submit")
-        # A fresh submitit folder per submission: SLURM job ids restart after a cluster reset (stack-notes).
+        # A fresh submitit folder per submission: SLURM job ids restart after a cluster reset.
         folder = run_dir / "jobs" / time.strftime("%Y%m%d-%H%M%S")
         folder = folder.with_name(f"{folder.name}-{os.getpid()}")
         ex = make_executor(launcher, folder, profile, job_name=f"scm-{cfg.run.method}-{cfg.run.size}")
-        job = ex.submit(TrainJob(C.to_dict(cfg), str(run_dir), on_config_change))
+        job = ex.submit(TrainJob(cfg, str(run_dir), on_config_change))
         atomic_write_json(run_dir / "job.json", {"job_id": str(job.job_id), "launcher": launcher,
                                                  "folder": str(folder), "host": platform.node(),
                                                  "tasks": profile.tasks_per_node * profile.nodes,
@@ -279,8 +296,8 @@ def submit(cfg: C.Config, run_dir: str | Path, launcher: str = "local", profile:
 def wait(job, run_dir: str | Path, poll_s: float = 5.0) -> dict:
     """Wait for the job; a failure raises LaunchError with the tail of the job's log."""
     try:
-        if hasattr(job, "_poll_frequency"):
-            job._poll_frequency = poll_s
+        while not job.done():  # our own polling interval (submitit's public API has no setting for it)
+            time.sleep(poll_s)
         results = job.results()  # one per task; rank 0's is the run's
         result = results[0] if results else None
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:

@@ -1,4 +1,4 @@
-"""Sampling in TrigFlow time (method.md §4; Lu & Song 2024, Sec. 5.2 and App. G).
+"""Sampling in TrigFlow time (Lu & Song 2024, Sec. 5.2 and App. G).
 
 Consistency models: 1 step from t_max, 2 steps through t_mid = 1.1, or M steps.
 Teachers: Euler, Heun and DPM-Solver-2S on the PF-ODE dx_t/dt = sigma_d F(x_t / sigma_d, t).

@@ -56,15 +56,7 @@ def parse_run_id(run_id: str) -> Run:
 
 def load_ablation(path: Path) -> dict[str, Any]:
     """An ablation file: dotted overrides only, checked against the config dataclasses."""
-    raw = C.load_yaml(path, "ablation file")
-    flat = C.flatten(raw)
-    probe = C.Config()
-    for key, value in flat.items():
-        try:
-            C.apply_override(probe, key, value)
-        except C.ConfigError as e:
-            raise C.ConfigError(f"{path}: {e}") from None
-    return flat
+    return C.check_overrides(C.load_yaml(path, "ablation file"), str(path))
 
 
 class Study:
@@ -177,6 +169,6 @@ class Study:
 
 def write_yaml(obj: Any, path: str | Path) -> None:
     """Write a config dict as YAML (atomically)."""
-    from scm.checkpoint import atomic_write_bytes
+    from scm.fileio import atomic_write_bytes
 
     atomic_write_bytes(Path(path), yaml.safe_dump(obj, sort_keys=False).encode())

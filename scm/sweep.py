@@ -1,8 +1,9 @@
-"""Hyperparameter sweeps with Optuna: a study file, N workers on one storage, outputs for the pipeline.
+"""Hyperparameter sweeps with Optuna: a sweep file, N workers on one storage, outputs for the pipeline.
 
-A study file (config/sweeps/*.yaml) declares the search space over config fields (dotted keys), the
-base run every trial trains (dataset x size x method + fixed overrides), the objective (FID of the EMA
-network at 1 or 2 consistency steps), the direction, sampler, pruner, trial budget and storage.
+A sweep file (config/sweeps/*.yaml, parsed by scm.sweep_spec) declares the search space over config
+fields (dotted keys), the base run every trial trains (dataset x size x method + fixed overrides), the
+objective (FID of the EMA network at 1 or 2 consistency steps), the direction, sampler, pruner, trial
+budget and storage.
 
     OUT/journal.log         the study: JournalStorage (several processes on one filesystem), or an RDB URL
     OUT/trials/<number>/    one training run per trial (the storage numbers trials: decidable up front)
@@ -46,7 +47,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +55,11 @@ import yaml
 from optuna.trial import TrialState
 
 from scm import config as C
+from scm.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from scm.sweep_spec import SweepSpec, base_config, suggest, trial_dir
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("tpe", "random", "gp", "cmaes", "grid")
-PRUNERS = ("median", "hyperband", "none")
-PARAM_TYPES = ("float", "int", "categorical")
-METHODS = ("sct", "scd")
-# The run's identity comes from the base run, not from the search space.
-FIXED_KEYS = {"data.name", "run.method", "run.size", "run.teacher_run_dir"}
 # The budget counts trials that finished or are running (waiting retries still run; see TrialBudget).
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
 STALE_REASON = "stale after restart"
@@ -80,213 +76,6 @@ class SweepError(RuntimeError):
 
 class WorkerError(RuntimeError):
     """A worker process that ended without finishing its share: killed by a signal, or failed."""
-
-
-# ----------------------------------------------------------------------------
-# The study file: strict dataclasses (unknown keys are errors naming the file and the key).
-
-
-@dataclass(frozen=True)
-class Param:
-    key: str
-    type: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple | None = None
-
-
-@dataclass
-class BaseRun:
-    dataset: str = "shapes"
-    size: str = "tS"
-    method: str = "sct"
-    teacher_run_dir: str = ""
-    overrides: dict = field(default_factory=dict)
-
-
-@dataclass
-class ObjectiveSpec:
-    steps: int = 1                       # consistency steps of the FID (1 or 2)
-    num_samples: int = 256               # samples for the trial's final FID
-    eval_num_samples: int = 128          # samples for the FIDs reported every run.eval_kimg (pruning)
-    batch: int = 256                     # sampling batch
-    extractor: str | None = None         # None = scm.metrics' default for the dataset
-    extractor_weights: str | None = None
-    cache_dir: str = "results/cache/ref-stats"
-
-
-@dataclass
-class SamplerSpec:
-    name: str = "tpe"
-    seed: int | None = 0                 # worker i uses seed + i (distinct random startup trials)
-    options: dict = field(default_factory=dict)
-
-
-@dataclass
-class PrunerSpec:
-    name: str = "median"
-    options: dict = field(default_factory=dict)
-
-
-@dataclass
-class SweepSpec:
-    name: str
-    base: BaseRun
-    space: dict[str, Param]
-    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
-    direction: str = "minimize"
-    sampler: SamplerSpec = field(default_factory=SamplerSpec)
-    pruner: PrunerSpec = field(default_factory=PrunerSpec)
-    n_trials: int = 8
-    storage: str | None = None           # None = OUT/journal.log; a path = a journal file; or an RDB URL
-    retry_stale: int = 1                 # re-run a stale (crashed) trial's params up to this many times
-    heartbeat_interval: int = 60         # RDB storages only
-    grace_period: int = 180
-    figures: str | None = None           # None = OUT/figures
-
-    def identity(self) -> dict:
-        """What makes two study files the same study (the budget, storage and plots may change)."""
-        objective = {k: v for k, v in dataclasses.asdict(self.objective).items() if k != "cache_dir"}
-        return json.loads(json.dumps({"base": dataclasses.asdict(self.base), "direction": self.direction,
-                                      "objective": objective,
-                                      "space": {k: dataclasses.asdict(p) for k, p in self.space.items()}}))
-
-
-def _build(cls, raw: Any, where: str):
-    """cls(**raw) with unknown keys reported by name."""
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise C.ConfigError(f"{where}: expected a mapping, got {raw!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(raw) - known)
-    if bad:
-        raise C.ConfigError(f"{where}: unknown keys {bad}; known: {sorted(known)}")
-    return cls(**raw)
-
-
-def _space_items(raw: dict, prefix: str = ""):
-    """Dotted or nested keys down to the parameter declarations (mappings with a 'type')."""
-    for k, v in raw.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and "type" not in v:
-            yield from _space_items(v, key + ".")
-        else:
-            yield key, v
-
-
-def _parse_param(key: str, raw: Any, where: str) -> Param:
-    if not isinstance(raw, dict):
-        raise C.ConfigError(f"{where}: space.{key}: expected a mapping like {{type: float, low: 0.1, high: 1}}")
-    p = _build(Param, {"key": key, **raw}, f"{where}: space.{key}")
-    if key in FIXED_KEYS:
-        raise C.ConfigError(f"{where}: space.{key}: set it in base, it cannot be searched")
-    if p.type not in PARAM_TYPES:
-        raise C.ConfigError(f"{where}: space.{key}: type {p.type!r}; choose one of {list(PARAM_TYPES)}")
-    if p.choices is not None or p.type == "categorical":
-        if not isinstance(p.choices, (list, tuple)) or not p.choices:
-            raise C.ConfigError(f"{where}: space.{key}: give a non-empty list of choices")
-        values = list(p.choices)
-        p = dataclasses.replace(p, choices=tuple(p.choices))
-    else:
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (p.low, p.high)):
-            raise C.ConfigError(f"{where}: space.{key}: {p.type} needs numbers low and high (or choices)")
-        if not p.low < p.high:
-            raise C.ConfigError(f"{where}: space.{key}: low {p.low} must be below high {p.high}")
-        if p.log and (p.low <= 0 or p.step is not None):
-            raise C.ConfigError(f"{where}: space.{key}: log needs low > 0 and no step")
-        if p.type == "int" and not all(float(v).is_integer() for v in (p.low, p.high, p.step or 1)):
-            raise C.ConfigError(f"{where}: space.{key}: int needs integer low, high and step")
-        values = [p.low, p.high]
-    # Every value the sampler may pick must be a valid value of the config field (type and range).
-    probe = C.Config()
-    for v in values:
-        try:
-            C.apply_override(probe, key, v)
-        except C.ConfigError as e:
-            raise C.ConfigError(f"{where}: space.{key}: {e}") from None
-    return p
-
-
-def parse_spec(raw: dict, name: str = "sweep", where: str = "study") -> SweepSpec:
-    """A SweepSpec from the study file's contents; every key and value checked up front."""
-    raw = dict(raw or {})
-    for key in ("base", "space"):
-        if key not in raw:
-            raise C.ConfigError(f"{where}: missing '{key}'")
-    space_raw = raw.pop("space")
-    if not isinstance(space_raw, dict) or not space_raw:
-        raise C.ConfigError(f"{where}: space: declare at least one parameter")
-    base = _build(BaseRun, raw.pop("base"), f"{where}: base")
-    spec = _build(SweepSpec, {"name": name, **raw, "base": base,
-                              "space": {k: _parse_param(k, v, where) for k, v in _space_items(space_raw)}}, where)
-    spec.objective = _build(ObjectiveSpec, raw.get("objective"), f"{where}: objective")
-    spec.sampler = _build(SamplerSpec, raw.get("sampler"), f"{where}: sampler")
-    spec.pruner = _build(PrunerSpec, raw.get("pruner"), f"{where}: pruner")
-    spec.base.overrides = C.flatten(spec.base.overrides or {})
-    # Choices and ranges that the code below relies on.
-    checks = [(spec.base.method in METHODS, f"base.method: {spec.base.method!r}; choose one of {list(METHODS)}"),
-              (spec.base.method != "scd" or spec.base.teacher_run_dir, "base.teacher_run_dir: sCD needs the "
-                                                                        "run directory of a finished teacher"),
-              (spec.direction in ("minimize", "maximize"), f"direction: {spec.direction!r}; minimize or maximize"),
-              (spec.sampler.name in SAMPLERS, f"sampler.name: {spec.sampler.name!r}; one of {list(SAMPLERS)}"),
-              (spec.pruner.name in PRUNERS, f"pruner.name: {spec.pruner.name!r}; one of {list(PRUNERS)}"),
-              (isinstance(spec.n_trials, int) and spec.n_trials >= 1, "n_trials: a positive integer"),
-              (spec.objective.steps >= 1 and spec.objective.num_samples >= 2 and spec.objective.eval_num_samples >= 2,
-               "objective: steps >= 1 and num_samples, eval_num_samples >= 2"),
-              (spec.sampler.name != "grid" or all(p.choices for p in spec.space.values()),
-               "sampler grid: every space parameter needs a list of choices"),
-              (not set(spec.space) & set(spec.base.overrides),
-               f"space and base.overrides both set {sorted(set(spec.space) & set(spec.base.overrides))}")]
-    for ok, message in checks:
-        if not ok:
-            raise C.ConfigError(f"{where}: {message}")
-    if spec.sampler.name == "grid":  # a grid has as many trials as points at most
-        size = math.prod(len(p.choices) for p in spec.space.values())
-        spec.n_trials = min(spec.n_trials, size)
-    try:
-        base_config(spec)
-    except C.ConfigError as e:
-        raise C.ConfigError(f"{where}: base: {e}") from None
-    return spec
-
-
-def load_spec(path: str | Path, n_trials: int | None = None, storage: str | None = None) -> SweepSpec:
-    """The study file at `path` (name defaults to the file's stem); n_trials/storage override it."""
-    path = Path(path)
-    if not path.exists():
-        raise C.ConfigError(f"--study: {path} not found")
-    raw = C.load_yaml(path, "--study")
-    if n_trials is not None:
-        raw["n_trials"] = n_trials
-    if storage:
-        raw["storage"] = storage
-    return parse_spec(raw, name=str(raw.pop("name", path.stem)), where=str(path))
-
-
-def base_config(spec: SweepSpec, params: dict[str, Any] | None = None) -> C.Config:
-    """The resolved config of a trial: preset, base overrides, the teacher, then the trial's params."""
-    b = spec.base
-    extra = {"run.teacher_run_dir": b.teacher_run_dir} if b.method == "scd" else {}
-    return C.resolve(b.dataset, b.size, b.method, {**b.overrides, **extra, **(params or {})})
-
-
-def suggest(trial: optuna.Trial, space: dict[str, Param]) -> dict[str, Any]:
-    """The trial's values of every space parameter (Optuna param names = the dotted config keys)."""
-    out = {}
-    for key, p in space.items():
-        if p.choices is not None:
-            out[key] = trial.suggest_categorical(key, list(p.choices))
-        elif p.type == "int":
-            out[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-        else:
-            out[key] = trial.suggest_float(key, float(p.low), float(p.high), step=p.step, log=p.log)
-    return out
-
-
-def trial_dir(out: str | Path, number: int) -> Path:
-    return Path(out) / "trials" / str(number)
 
 
 # ----------------------------------------------------------------------------
@@ -390,10 +179,7 @@ def repair_journal(path: str | Path) -> list[str]:
             if data.startswith(repaired):  # in place: readers' offsets of the records before stay valid
                 os.truncate(path, len(repaired))
             else:
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                tmp.write_bytes(repaired)
-                shutil.copymode(path, tmp)
-                os.replace(tmp, path)
+                atomic_write_bytes(path, repaired, mode=path.stat().st_mode & 0o7777)
         finally:
             lock.release()
     except OSError as e:
@@ -514,13 +300,14 @@ class TrainingObjective:
 
     def __init__(self, spec: SweepSpec, out: str | Path):
         # Paths absolute in the coordinator's directory: SLURM workers may start elsewhere.
-        from scm import metrics as M
+        from scm import extractors
 
         absolute = lambda p: str(Path(p).resolve()) if p else p
         o = spec.objective
-        if not o.extractor_weights and (o.extractor or M.default_extractor(spec.base.dataset)) == M.SHAPES_EXTRACTOR:
+        extractor = o.extractor or extractors.default_extractor(spec.base.dataset)
+        if not o.extractor_weights and extractor == extractors.SHAPES_EXTRACTOR:
             # the extractor of the base run's renderer version (the pipeline's artifact path)
-            o = dataclasses.replace(o, extractor_weights=str(M.shapes_extractor_path(
+            o = dataclasses.replace(o, extractor_weights=str(extractors.shapes_extractor_path(
                 base_config(spec).data.shapes_version)))
         spec = dataclasses.replace(spec, objective=dataclasses.replace(
             o, cache_dir=absolute(o.cache_dir), extractor_weights=absolute(o.extractor_weights)),
@@ -795,15 +582,18 @@ def open_study(spec: SweepSpec, storage: str, restart: bool = False, out: str | 
     return study
 
 
-def fail_stale_trials(study: optuna.Study, retry: int = 1) -> list[int]:
+def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, retry: int = 1) -> list[int]:
     """Mark every RUNNING trial FAIL (reason 'stale after restart') and enqueue its params again (up to
     `retry` times). Journal files have no heartbeat: call this only in the coordinating process, before
-    any worker of this study runs."""
-    storage, stale = study._storage, study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    any worker of this study runs. `storage` is the study's storage (Optuna's public storage API: a
+    Study does not expose its own)."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    study_id = storage.get_study_id_from_name(study.study_name)
     for t in stale:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         # The reason first: a finished trial's attributes can no longer be set.
-        storage.set_trial_user_attr(t._trial_id, "reason", STALE_REASON)
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        storage.set_trial_user_attr(trial_id, "reason", STALE_REASON)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
         retries = t.user_attrs.get("retries", 0)
         if retries < retry and t.params:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.user_attrs.get("retry_of", t.number),
@@ -852,9 +642,8 @@ def _launch(spec: SweepSpec, storage: str, objective, n: int, launcher: str, pro
     pid = os.getpid() if launcher == "local" else None
     pickled = cloudpickle.dumps(objective)  # unpickled by the supervised child only (supervise_worker)
     jobs = ex.map_array(supervise_worker, [spec] * n, [storage] * n, [pickled] * n, list(range(n)), [pid] * n)
-    tmp = out / f".workers.json.{os.getpid()}"
-    tmp.write_text(json.dumps({"launcher": launcher, "folder": str(folder), "job_ids": [j.job_id for j in jobs]}))
-    os.replace(tmp, out / "workers.json")
+    atomic_write_json(out / "workers.json", {"launcher": launcher, "folder": str(folder),
+                                             "job_ids": [j.job_id for j in jobs]})
     log.info("%d %s workers: %s (logs in %s)", n, launcher, [j.job_id for j in jobs], folder)
     errors = []
     for worker, job in enumerate(jobs):
@@ -886,7 +675,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, workers: int = 1, launcher: str 
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
     else:
-        fail_stale_trials(study, spec.retry_stale)
+        backend = make_storage(storage, spec)
+        fail_stale_trials(optuna.load_study(study_name=spec.name, storage=backend), backend, spec.retry_stale)
     objective = objective or TrainingObjective(spec, out)
     budget = TrialBudget(spec.n_trials)
     n = min(max(1, workers), budget.remaining(study))
@@ -931,13 +721,6 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def best_overrides(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
     """Every override a trial trained with (dotted keys): the base run's dataset, size and method (and
     teacher, absolute as TrainingObjective passes it), the study's base overrides, then the trial's params.
@@ -967,7 +750,7 @@ def write_best_yaml(study: optuna.Study, spec: SweepSpec, path: str | Path) -> P
               f"# trial {best.number}: FID at {spec.objective.steps} step(s) = {best.value:.6g} ({spec.direction})",
               f"# base run: {spec.base.dataset} {spec.base.size} {spec.base.method}; trials: "
               + ", ".join(f"{v} {k}" for k, v in counts.items())]
-    _atomic_write(path, "\n".join(header) + "\n" + yaml.safe_dump(nest(overrides), sort_keys=True))
+    atomic_write_text(path, "\n".join(header) + "\n" + yaml.safe_dump(nest(overrides), sort_keys=True))
     return path
 
 
@@ -1008,7 +791,7 @@ def write_figures(study: optuna.Study, out_dir: str | Path) -> list[str]:
 def write_outputs(study: optuna.Study, spec: SweepSpec, out: Path, figures: Path) -> dict:
     """trials.csv always; best.yaml and figures once a trial completed. Returns the summary."""
     df = study.trials_dataframe()
-    _atomic_write(out / "trials.csv", df.to_csv(index=False))
+    atomic_write_text(out / "trials.csv", df.to_csv(index=False))
     count = lambda s: len(study.get_trials(deepcopy=False, states=(s,)))
     # running: left RUNNING by a killed worker once every worker ended; waiting: retries not yet run.
     summary = {"study": spec.name, "n_trials": spec.n_trials, "trials": len(study.trials),

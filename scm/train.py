@@ -1,4 +1,4 @@
-"""One training loop for the TrigFlow teacher, sCT and sCD (method.md; EDM2's habits).
+"""One training loop for the TrigFlow teacher, sCT and sCD (sCM Alg. 1; EDM2's habits).
 
 Progress is counted in images (kimg). The run directory holds everything:
 
@@ -19,6 +19,7 @@ trainer per run directory (scm.checkpoint.RunLock); SIGTERM/SIGINT checkpoint at
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -41,7 +42,6 @@ from scm.checkpoint import (
     HEARTBEAT_S,
     CheckpointError,
     RunLock,
-    atomic_write_json,
     checkpoint_digest,
     checkpoint_path,
     latest_valid_checkpoint,
@@ -55,8 +55,10 @@ from scm.checkpoint import (
 )
 from scm.data import InfiniteLoader, build_dataset
 from scm.ema import EMA
+from scm.fileio import atomic_write_json
 from scm.losses import build_loss
 from scm.networks import build_network
+from scm.tracking import make_tracker, sample_grid
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +261,26 @@ def learning_rate(cfg: C.OptimConfig, step: int, cur_nimg: int) -> float:
 
 
 def _optimizer(cfg: C.OptimConfig, params):
-    kind = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.name]
-    return kind(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # Adam as one fused kernel, RAdam as multi-tensor (foreach) ops: the same update up to float rounding,
+    # without a Python loop of ~10 ops per parameter tensor (the CPU nets are dominated by per-op overhead).
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    if cfg.name == "radam":
+        return torch.optim.RAdam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+    raise C.ConfigError(f"optim.name: unknown {cfg.name!r}; choose adam or radam", key="optim.name")
+
+
+def grad_norm_and_clip(params, max_norm: float) -> float:
+    """The global L2 norm of the gradients, scaled by max_norm / (norm + 1e-6) where that is < 1: the same as
+    torch.nn.utils.clip_grad_norm_, in multi-tensor ops and without its no-op scaling when nothing is clipped."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        torch._foreach_mul_(grads, coef)
+    return total
 
 
 def _device(cfg: C.RunConfig) -> torch.device:
@@ -411,11 +431,23 @@ def _train(cfg, run_dir, device, rank, world, upstream, progress, stop_after_ste
 _LAST_STEP: dict = {}
 
 
-def _loop(cfg, run_dir, device, rank, world, upstream, progress, stop_after_steps, on_eval, stop) -> dict:
-    _LAST_STEP.clear()
-    # Networks: sCD starts from the teacher's EMA weights and distills from that EMA copy (sCM paper, sCD).
+@dataclasses.dataclass
+class _Parts:
+    """What a training step needs, built from the config."""
+    net: torch.nn.Module           # the trained network (its state is checkpointed)
+    ddp_net: torch.nn.Module       # net, wrapped for data parallelism when world > 1
+    ema: EMA
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler   # active with fp16 only
+    amp_dtype: torch.dtype | None  # autocast dtype (None: fp32)
+    loss_fn: Callable
+
+
+def _build(cfg: C.Config, device, world: int) -> _Parts:
+    """Networks, EMA, optimizer and loss. sCD starts from the teacher's EMA weights and distills from that
+    EMA copy (sCM Sec. 5, initialization from the pretrained diffusion model)."""
     torch.manual_seed(cfg.run.seed)
-    net = build_network(cfg.network, cfg.data, cfg.sigma_d).to(device)
+    net = build_network(cfg.network, cfg.data, cfg.sigma_d, device).to(device)
     teacher = None
     if cfg.run.method == "scd":
         teacher = load_teacher(cfg, device)
@@ -428,17 +460,35 @@ def _loop(cfg, run_dir, device, rank, world, upstream, progress, stop_after_step
                                            f"{unexpected[:5]}")
             if missing:
                 log.info("student parameters not in the teacher (kept at init): %s", missing)
-    ema = EMA(net, cfg.ema)
-    opt = _optimizer(cfg.optim, net.parameters())
-    use_scaler = cfg.run.precision == "fp16"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision)
     ddp_net = net
     if world > 1:
         ddp_net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=not cfg.loss.adaptive_weighting)
-    loss_fn = build_loss(cfg.run.method, cfg.loss, cfg.sigma_d, teacher)
+    return _Parts(net=net, ddp_net=ddp_net, ema=EMA(net, cfg.ema), opt=_optimizer(cfg.optim, net.parameters()),
+                  scaler=torch.amp.GradScaler(device.type, enabled=cfg.run.precision == "fp16"),
+                  amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision),
+                  loss_fn=build_loss(cfg.run.method, cfg.loss, cfg.sigma_d, teacher))
+
+
+def _stats_row(window: list[dict], step: int, batch: int, lr: float, elapsed: float, device,
+               bad_batches: int) -> dict:
+    """One stats.jsonl line: the means of a log window's step diagnostics, its speed and the peak memory."""
+    row = {"step": step, "kimg": step * batch / 1000, "lr": lr,
+           "sec_per_kimg": elapsed / (len(window) * batch / 1000),
+           "peak_mem_mb": _peak_memory_mb(device), "bad_batches": bad_batches, "time": time.time()}
+    for key in window[0]:
+        row[key] = float(np.mean([w[key] for w in window]))
+    row["grad_norm_max"] = float(np.max([w["grad_norm"] for w in window]))
+    return row
+
+
+def _loop(cfg, run_dir, device, rank, world, upstream, progress, stop_after_steps, on_eval, stop) -> dict:
+    _LAST_STEP.clear()
+    parts = _build(cfg, device, world)
+    net, ddp_net, ema, opt, scaler, amp_dtype, loss_fn = (parts.net, parts.ddp_net, parts.ema, parts.opt,
+                                                          parts.scaler, parts.amp_dtype, parts.loss_fn)
+    use_scaler = scaler.is_enabled()
 
     dataset = build_dataset(cfg.data, cfg.sigma_d)
     loader = InfiniteLoader(dataset, cfg.run.batch_size, seed=cfg.run.seed, rank=rank, world_size=world,
@@ -503,6 +553,16 @@ def _loop(cfg, run_dir, device, rank, world, upstream, progress, stop_after_step
     global _SAVE_NOW
     _SAVE_NOW = save_now
 
+    # Optional tracking (scm.tracking): mirrors the stats rows, plus sample grids at checkpoints.
+    tracker = make_tracker(cfg.run.tracker if rank == 0 else "none", run_dir, cfg.run.tracker_project,
+                           C.to_dict(cfg), resume_step=step)
+
+    def track_grid(at_step: int) -> None:
+        if tracker.wants_images:
+            grid = sample_grid(ema.model, cfg)
+            if grid is not None:
+                tracker.image("samples/ema", grid, at_step)
+
     net.train()
     window, t_window, steps_this_call = [], time.perf_counter(), 0
     t_heartbeat = time.monotonic()
@@ -538,7 +598,7 @@ def _loop(cfg, run_dir, device, rank, world, upstream, progress, stop_after_step
             scaler.scale(loss.float().mean()).backward()
             scaler.unscale_(opt)
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm).item()
+            grad_norm = grad_norm_and_clip(net.parameters(), max_norm)
             # NaN/Inf: skip up to max_bad_batches, then stop naming the step and the last good checkpoint.
             # (With fp16's grad scaler, inf gradients alone are routine: the scaler skips and rescales.)
             phase["name"] = "commit"
@@ -565,17 +625,11 @@ def _loop(cfg, run_dir, device, rank, world, upstream, progress, stop_after_step
             info = {"step": step, "total_steps": total_steps, "kimg": step * batch / 1000, "lr": lr, **diag,
                     "grad_norm": grad_norm}
             if step % log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - t_window
-                row = {"step": step, "kimg": step * batch / 1000, "lr": lr,
-                       "sec_per_kimg": elapsed / (len(window) * batch / 1000),
-                       "peak_mem_mb": _peak_memory_mb(device), "bad_batches": bad_batches, "time": time.time()}
-                for key in window[0]:
-                    vals = [w[key] for w in window]
-                    row[key] = float(np.mean(vals))
-                row["grad_norm_max"] = float(np.max([w["grad_norm"] for w in window]))
+                row = _stats_row(window, step, batch, lr, time.perf_counter() - t_window, device, bad_batches)
                 if rank == 0:
                     with open(run_dir / "stats.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")
+                    tracker.log(row, step)
                 window, t_window = [], time.perf_counter()
             # Heartbeat: status.json names this process and says it is alive (every log interval or HEARTBEAT_S).
             if rank == 0 and (step % log_every == 0 or time.monotonic() - t_heartbeat > HEARTBEAT_S):
@@ -583,21 +637,23 @@ def _loop(cfg, run_dir, device, rank, world, upstream, progress, stop_after_step
                 t_heartbeat = time.monotonic()
             if step % ckpt_every == 0 and step < total_steps:
                 last_ckpt = save(step)
+                track_grid(step)
             if on_eval is not None and eval_every and step % eval_every == 0:
                 _LAST_STEP["step"] = step
                 on_eval(step, step * batch / 1000, ema.model)
                 net.train()
             if progress:
                 progress(info)
+        # Completed: a last checkpoint, then final.pt (what sCD, sampling and evaluation load).
+        last_ckpt = save(step)
+        if rank == 0:
+            save_checkpoint(run_dir / "final.pt", {"ema": ema.state_dict(), "net": net.state_dict(),
+                                                   "config": C.to_dict(cfg), "upstream": upstream, "step": step})
+            write_status(run_dir, "completed", step=step, kimg=step * batch / 1000)
+            track_grid(step)
     finally:
         _SAVE_NOW = None
-
-    # Completed: a last checkpoint, then final.pt (what sCD, sampling and evaluation load).
-    last_ckpt = save(step)
-    if rank == 0:
-        save_checkpoint(run_dir / "final.pt", {"ema": ema.state_dict(), "net": net.state_dict(),
-                                               "config": C.to_dict(cfg), "upstream": upstream, "step": step})
-        write_status(run_dir, "completed", step=step, kimg=step * batch / 1000)
+        tracker.close()
     return read_status(run_dir)
 
 
@@ -608,7 +664,7 @@ def _truncate_stats(path: Path, step: int) -> None:
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
     if len(kept) != len(lines):
-        from scm.checkpoint import atomic_write_bytes
+        from scm.fileio import atomic_write_bytes
 
         atomic_write_bytes(path, ("\n".join(kept) + ("\n" if kept else "")).encode())
 
@@ -643,9 +699,35 @@ def _describe_upstream(upstream: dict) -> str:
     return f"teacher final.pt sha256 {sha[:16]}" if sha else "no recorded teacher"
 
 
+def run_dir_state(cfg: C.Config, run_dir: str | Path, upstream: dict) -> tuple[dict, str | None]:
+    """(status, mismatch) of run_dir for cfg, read only: mismatch describes another run identity
+    (config hash or teacher, see _identity) held there, None when it is this run or a fresh directory.
+    'completed' means status.json says so and final.pt exists (prepare_run_dir verifies its checksum)."""
+    run_dir = Path(run_dir)
+    saved, where = _saved_identity(run_dir)
+    now = {"config_hash": C.config_hash(cfg), "upstream": upstream}
+    mismatch = None
+    if saved is not None and saved != now:
+        if saved["config_hash"] != now["config_hash"]:
+            mismatch = f"another config ({where}: hash {saved['config_hash']}, now {now['config_hash']})"
+        else:
+            mismatch = (f"another teacher ({where}: {_describe_upstream(saved['upstream'])}; now "
+                        f"{cfg.run.teacher_run_dir}: {_describe_upstream(upstream)})")
+    status = read_status(run_dir)
+    if status.get("state") == "completed" and not (run_dir / "final.pt").exists():
+        status = {**status, "state": "incomplete"}
+    return status, mismatch
+
+
+def mismatch_error(run_dir: str | Path, mismatch: str) -> C.ConfigError:
+    return C.ConfigError(f"{run_dir} holds a run of {mismatch}; use a new run directory, or restart it "
+                         "(--on-config-change restart)")
+
+
 def prepare_run_dir(cfg: C.Config, run_dir: str | Path, on_config_change: str = "error",
                     upstream: dict | None = None) -> dict:
-    """Check run_dir against cfg (and its upstream); returns its status ('completed' only with a good final.pt).
+    """Make run_dir ready for cfg (the one place that changes it before training); returns its status
+    ('completed' only with a good final.pt).
 
     A run directory holds one run identity (config hash + upstream, see _identity): it is resumed only
     with the same one. Otherwise 'error' raises, 'restart' clears the stale state (the pipeline's
@@ -654,32 +736,22 @@ def prepare_run_dir(cfg: C.Config, run_dir: str | Path, on_config_change: str = 
     """
     run_dir = Path(run_dir)
     upstream = check_teacher(cfg) if upstream is None else upstream
-    saved, where = _saved_identity(run_dir)
-    now = {"config_hash": C.config_hash(cfg), "upstream": upstream}
-    if saved is not None and saved != now:
-        if saved["config_hash"] != now["config_hash"]:
-            what = f"another config ({where}: hash {saved['config_hash']}, now {now['config_hash']})"
-        else:
-            what = (f"another teacher ({where}: {_describe_upstream(saved['upstream'])}; now "
-                    f"{cfg.run.teacher_run_dir}: {_describe_upstream(upstream)})")
+    status, mismatch = run_dir_state(cfg, run_dir, upstream)
+    if mismatch is not None:
         if on_config_change != "restart":
-            raise C.ConfigError(f"{run_dir} holds a run of {what}; use a new run directory, or restart it "
-                                "(--on-config-change restart)")
-        log.warning("%s holds a run of %s: restarting it from scratch", run_dir, what)
+            raise mismatch_error(run_dir, mismatch)
+        log.warning("%s holds a run of %s: restarting it from scratch", run_dir, mismatch)
         _clear_run(run_dir)
-    status = read_status(run_dir)
+        status = read_status(run_dir)
     final = run_dir / "final.pt"
     if status.get("state") == "completed":
-        if not final.exists():
-            status = {**status, "state": "incomplete"}
-        else:
-            try:
-                verify_checkpoint(final)
-            except (CheckpointError, OSError) as e:
-                log.error("%s is corrupt (%s): removing it; training resumes from the last checkpoint and "
-                          "writes it again", final, e)
-                final.unlink()
-                status = {**status, "state": "incomplete", "reason": f"corrupt final.pt: {e}"}
+        try:
+            verify_checkpoint(final)
+        except (CheckpointError, OSError) as e:
+            log.error("%s is corrupt (%s): removing it; training resumes from the last checkpoint and "
+                      "writes it again", final, e)
+            final.unlink()
+            status = {**status, "state": "incomplete", "reason": f"corrupt final.pt: {e}"}
     return status
 
 

@@ -1,4 +1,4 @@
-"""TrigFlow parameterization (method.md §1; Lu & Song 2024, Sec. 3 and App. B).
+"""TrigFlow parameterization (Lu & Song 2024, Sec. 3 and App. B).
 
 x_t = cos(t) x0 + sin(t) z with z ~ N(0, sigma_d^2 I), t in [0, pi/2].
 The network F_theta sees (x_t / sigma_d, t); the consistency function is
@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-HALF_PI = math.pi / 2
 
 
 def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

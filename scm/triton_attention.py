@@ -1,4 +1,4 @@
-"""Fused flash attention with its JVP in one Triton kernel (method.md §3; sCM Sec. 5.1, App. F).
+"""Fused flash attention with its JVP in one Triton kernel (sCM Sec. 5.1, App. F).
 
 Shapes: q (B, H, M, D), k and v (B, H, N, D), and tangents tq, tk, tv of the same shapes; any strides.
 dtypes float32, bfloat16 or float16 (all six alike); any head dim D <= 256 (the kernel pads D to a power
@@ -6,7 +6,7 @@ of two >= 16 with masked loads: 32, 64 and 128 need no padding); M and N need no
 block sizes (masked loads, -inf scores for missing keys). No causal mask.
 
 One program owns BLOCK_M query rows of one (batch, head) and streams over the keys in blocks of BLOCK_N.
-It keeps in fp32 (method.md §3, online softmax, scores in log2 units so that exp is exp2):
+It keeps in fp32 (online softmax, scores in log2 units so that exp is exp2):
 
     m   running row max of s = q k^T / sqrt(d)
     l   sum_j e^{s_j - m}

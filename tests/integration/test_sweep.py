@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from scm import config as C
-from scm import metrics as M
+from scm import extractors
 from scm.cli import load_config, main
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def quick_extractor(tmp_path_factory):
     """A quickly trained shapes feature network (the real one takes ~30 s)."""
     path = tmp_path_factory.mktemp("extractor") / "shapes-features.pt"
-    M.train_shapes_extractor(path, steps=60, batch=64, train_images=1024, test_images=256)
+    extractors.train_shapes_extractor(path, steps=60, batch=64, train_images=1024, test_images=256)
     return path
 
 
@@ -37,7 +37,7 @@ def test_two_workers_real_objective_write_trials_csv_and_best_yaml(tmp_path, qui
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(study))
     out = tmp_path / "sweep dir"  # a space in the path on purpose
-    assert main(["sweep", "--study", str(path), "--workers", "2", "--launcher", "local", "--out", str(out)]) == 0
+    assert main(["sweep", "--sweep-file", str(path), "--workers", "2", "--launcher", "local", "--out", str(out)]) == 0
 
     df = pd.read_csv(out / "trials.csv")
     assert len(df) == 2 and set(df["state"]) == {"COMPLETE"} and df["value"].notna().all()
@@ -54,5 +54,5 @@ def test_two_workers_real_objective_write_trials_csv_and_best_yaml(tmp_path, qui
     assert cfg.optim.lr == pytest.approx(df.loc[df["value"].idxmin(), "params_optim.lr"])
     assert (out / "figures" / "history.png").exists()
     # Running the command again finds the budget spent: no new trial.
-    assert main(["sweep", "--study", str(path), "--launcher", "debug", "--out", str(out)]) == 0
+    assert main(["sweep", "--sweep-file", str(path), "--launcher", "debug", "--out", str(out)]) == 0
     assert len(pd.read_csv(out / "trials.csv")) == 2

@@ -117,7 +117,7 @@ write_configs() {
     mem="$(sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p' <<<"$probe")"
     mem=$((mem * 9 / 10))
 
-    # slurm.conf: the settings from docs/stack-notes.md (DefMemPerCPU, cred_expire=10, fake GPUs).
+    # slurm.conf: memory per CPU by default (DefMemPerCPU), short credential expiry (cred_expire=10), fake GPUs.
     cat >"$STATE/etc/slurm.conf" <<EOF
 # written by scm-bench tests/slurm/cluster.sh; removed by 'cluster.sh down'
 ClusterName=$CLUSTER

@@ -17,7 +17,6 @@ from scm.checkpoint import (
     CheckpointError,
     RunLock,
     RunLockedError,
-    atomic_write_json,
     checkpoint_digest,
     checkpoint_path,
     latest_valid_checkpoint,
@@ -28,6 +27,7 @@ from scm.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from scm.fileio import atomic_write_json
 
 
 def test_round_trip_and_checksum(tmp_path):

@@ -256,7 +256,7 @@ def test_unknown_dataset_lists_the_valid_ones(tmp_path, capsys):
                                          ("- a\n- b\n", "mapping")])
 def test_study_and_cluster_files_are_read_by_the_same_strict_loader(tmp_path, capsys, text, needle):
     bad = _yaml(tmp_path / "bad.yaml", text)
-    _one_line_error(capsys, ["sweep", "--study", bad, "--out", tmp_path / "sweep"], "--study", bad, needle)
+    _one_line_error(capsys, ["sweep", "--sweep-file", bad, "--out", tmp_path / "sweep"], "--sweep-file", bad, needle)
     assert not (tmp_path / "sweep").exists()
     cfg = _yaml(tmp_path / "run.yaml", TINY)
     _one_line_error(capsys, [*_train(tmp_path, cfg), "--cluster", "c", "--clusters", bad, "--dry-run"],

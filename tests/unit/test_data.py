@@ -9,17 +9,16 @@ import torch
 
 from scm.config import ConfigError, DataConfig
 from scm.data import (
-    SHAPE_CLASSES,
     Cifar10Dataset,
     GMMDataset,
     InfiniteLoader,
     ShapesDataset,
     ZipDataset,
     build_dataset,
-    generate_shapes,
     save_image_grid,
     write_edm_zip,
 )
+from scm.shapes import SHAPE_CLASSES, generate_shapes
 
 # Pinned bytes of the shapes set (SHAPES_VERSION 1): a drawing change must bump the version and these.
 SHAPES_SHA256_256x16 = "a79dcae2ca939bf077c4d8f1c6d0137af1dbb3cafda11fe09ef758f2785c5eb1"

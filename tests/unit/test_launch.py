@@ -148,7 +148,8 @@ def _fake_teacher(teacher_dir: Path, cfg: C.Config, payload: bytes) -> None:
     """A teacher run that looks finished: config, status 'completed', a final.pt with a valid header."""
     import hashlib
 
-    from scm.checkpoint import MAGIC, atomic_write_json, write_status
+    from scm.checkpoint import MAGIC, write_status
+    from scm.fileio import atomic_write_json
 
     teacher_dir.mkdir(parents=True)
     atomic_write_json(teacher_dir / "config.json", C.to_dict(cfg))

@@ -190,3 +190,21 @@ def test_build_report_writes_everything(results):
             "samples.png"} <= paths
     main = (res / "tables" / "main.md").read_text()
     assert "tS class acc" in main and "0.900" in main
+
+
+def test_a_run_whose_trainer_died_is_named_in_the_stability_column(tmp_path):
+    # status.json still says 'running', but its pid is gone on this host: the table must not pass it off
+    import platform
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    res = tmp_path / "results"
+    for seed, status in ((0, {"state": "completed", "step": 75}),
+                         (1, {"state": "running", "step": 30, "pid": gone.pid, "host": platform.node(),
+                              "updated": 0.0})):
+        run_dir = res / "runs" / f"scd-tS-adagn_plain-s{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "status.json").write_text(json.dumps(status))
+    cells = R._stability_cells(res, "scd", "tS", "adagn_plain")
+    assert cells["diverged"] == "0/2 (s1 dead)"

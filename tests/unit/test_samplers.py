@@ -29,7 +29,7 @@ def test_guided_teacher_counts_two_evaluations(gmm):
     noise = torch.randn(4, 4, dtype=torch.float64)
     labels = torch.zeros(4, dtype=torch.long)
     _, n = teacher_sample(ExactVelocityNet(gmm), noise, SD, labels=labels, steps=32, guidance=1.5)
-    assert n == 126  # method.md §7: 63 steps with CFG = 126
+    assert n == 126  # sCM Figure 1: 63 steps with CFG = 126
 
 
 @pytest.mark.parametrize("solver", ["heun", "dpm2s"])

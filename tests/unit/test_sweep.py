@@ -26,19 +26,20 @@ from optuna.trial import TrialState
 
 from scm import config as C
 from scm import sweep as S
+from scm import sweep_spec
 from scm.train import DivergedError
 
 ROOT = Path(__file__).resolve().parents[2]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def cheap_spec(n_trials=6, name="cheap", **over) -> S.SweepSpec:
+def cheap_spec(n_trials=6, name="cheap", **over) -> sweep_spec.SweepSpec:
     raw = {"base": {"dataset": "shapes", "size": "tS", "method": "sct"},
            "space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
                      "loss.P_mean": {"type": "float", "low": -2.0, "high": 0.0}},
            "n_trials": n_trials, "sampler": {"name": "tpe", "seed": 0, "options": {"n_startup_trials": 3}},
            "pruner": {"name": "none"}, **over}
-    return S.parse_spec(raw, name=name)
+    return sweep_spec.parse_spec(raw, name=name)
 
 
 # ----------------------------------------------------------------------------
@@ -52,7 +53,7 @@ class Quadratic:
         self.log_dir, self.sleep, self.hang_on = str(log_dir), sleep, hang_on
 
     def __call__(self, trial):
-        p = S.suggest(trial, SPACE)
+        p = sweep_spec.suggest(trial, SPACE)
         with open(os.path.join(self.log_dir, "calls.txt"), "a") as f:
             f.write(f"{os.getpid()} {trial.number}\n")
         if trial.number == self.hang_on:  # the crash drill: stay RUNNING until killed
@@ -72,7 +73,7 @@ class Troubled(Quadratic):
         if trial.number == 1:
             raise DivergedError("non-finite loss or gradient at step 7")
         if trial.number == 2:
-            S.suggest(trial, SPACE)
+            sweep_spec.suggest(trial, SPACE)
             return float("nan")
         return super().__call__(trial)
 
@@ -91,9 +92,9 @@ def study_of(spec, out):
 
 
 def test_default_study_file_resolves():
-    spec = S.load_spec(ROOT / "config/sweeps/shapes.yaml")
+    spec = sweep_spec.load_spec(ROOT / "config/sweeps/shapes.yaml")
     assert spec.name == "shapes" and spec.n_trials >= 4 and spec.base.method in ("sct", "scd")
-    cfg = S.base_config(spec, {k: p.low for k, p in spec.space.items()})
+    cfg = sweep_spec.base_config(spec, {k: p.low for k, p in spec.space.items()})
     assert cfg.run.eval_kimg > 0 and cfg.run.threads == 1
     assert {"optim.lr", "loss.P_mean", "loss.P_std", "loss.warmup_iters", "loss.tangent_norm_c",
             "ema.sigma_rel"} <= set(spec.space)
@@ -168,7 +169,8 @@ def test_best_yaml_reproduces_the_best_trials_config(tmp_path, monkeypatch, meth
     teacher = {"run.teacher_run_dir": str(tmp_path / "teacher")} if method == "scd" else {}
     trial_cfg = C.resolve("shapes", "tS", method, {**C.flatten(BASE_OVERRIDES), **teacher, **best.params})
     assert trial_cfg.network.model_channels == 8 and trial_cfg.optim.lr == best.params["optim.lr"]
-    trained = S.base_config(S.TrainingObjective(spec, tmp_path / "out").spec, best.params)  # what a trial trains
+    # what a trial trains
+    trained = sweep_spec.base_config(S.TrainingObjective(spec, tmp_path / "out").spec, best.params)
     assert C.config_hash(trained) == C.config_hash(trial_cfg)
     minimal = tmp_path / "run.yaml"
     minimal.write_text(yaml.safe_dump({"dataset": "shapes", "size": "tS", "method": method}))

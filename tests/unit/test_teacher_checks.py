@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from scm import config as C
-from scm.checkpoint import MAGIC, atomic_write_json, write_status
+from scm.checkpoint import MAGIC, write_status
 from scm.cli import main
+from scm.fileio import atomic_write_json
 from scm.train import check_teacher
 
 STUDENT = {"dataset": "shapes", "size": "tS", "method": "scd", "network": {"model_channels": 8}}

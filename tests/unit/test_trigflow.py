@@ -14,7 +14,7 @@ def test_consistency_fn_is_identity_at_t0():
 def test_sigma_t_round_trip_and_t_max():
     sigma = torch.logspace(-3, 2, 50, dtype=torch.float64)
     assert torch.allclose(t_to_sigma(sigma_to_t(sigma, 0.5), 0.5), sigma, rtol=1e-12)
-    # method.md §4: t_max = arctan(80 / 0.5) = 1.56454
+    # sCM Sec. 5.2: t_max = arctan(80 / 0.5) = 1.56454
     assert abs(sigma_to_t(80.0, 0.5) - 1.56454) < 1e-5
 
 

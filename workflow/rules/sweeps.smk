@@ -5,8 +5,6 @@ SWEEP_OUTPUTS = [f"{R}/sweeps/{SWEEP_NAME}/best.yaml"] if SWEEP_NAME else []
 
 
 rule sweep:
-    conda:
-        "../envs/scm.yaml"
     input:
         SWEEP.get("file", []),
     output:
@@ -14,10 +12,14 @@ rule sweep:
         trials=f"{R}/sweeps/{{name}}/trials.csv",
     log:
         f"{R}/logs/sweeps/{{name}}.log",
+    benchmark:
+        f"{R}/benchmarks/sweeps/{{name}}.tsv"
+    conda:
+        "../envs/scm.yaml"
     threads: 2
     params:
         launcher="local" if LAUNCHER == "debug" else LAUNCHER,
         cluster=CLUSTER_ARGS,
     shell:
-        "scm sweep --study {input} --workers {threads} --launcher {params.launcher} {params.cluster} "
+        "scm sweep --sweep-file {input} --workers {threads} --launcher {params.launcher} {params.cluster} "
         "--out $(dirname {output.best}) > {log} 2>&1"

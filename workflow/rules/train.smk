@@ -3,27 +3,22 @@
 
 
 rule run_config:
-    conda:
-        "../envs/scm.yaml"
     output:
         f"{R}/runs/{{run}}/run.yaml",
     log:
         f"{R}/logs/config/{{run}}.log",
-    params:
-        cfg=lambda wc: STUDY.config_dict(wc.run),
+    benchmark:
+        f"{R}/benchmarks/run_config/{{run}}.tsv"
     localrule: True
-    run:
-        from scm.study import write_yaml
-
-        write_yaml(params.cfg, output[0])
-        Path(log[0]).write_text(f"wrote {output[0]}\n")
+    conda:
+        "../envs/scm.yaml"
+    params:
+        cfg=lambda wc: json.dumps(STUDY.config_dict(wc.run), sort_keys=True),
+    shell:
+        "scm config write --json {params.cfg:q} --out {output} > {log} 2>&1"
 
 
 rule train:
-    wildcard_constraints:
-        run=r"(sct|scd)-[A-Za-z]+-[a-z0-9_]+-s\d+",
-    conda:
-        "../envs/scm.yaml"
     input:
         cfg=f"{R}/runs/{{run}}/run.yaml",
         teacher=teacher_final,
@@ -31,6 +26,14 @@ rule train:
         f"{R}/runs/{{run}}/final.pt",
     log:
         f"{R}/logs/train/{{run}}.log",
+    benchmark:
+        f"{R}/benchmarks/train/{{run}}.tsv"
+    wildcard_constraints:
+        run=r"(sct|scd)-[A-Za-z]+-[a-z0-9_]+-s\d+",
+    # On SLURM a node failure or a job killed outside submitit's requeue re-runs the rule; training resumes.
+    retries: 2 if LAUNCHER == "slurm" else 0
+    conda:
+        "../envs/scm.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -42,7 +45,6 @@ rule train:
     shell:
         "scm train --config {input.cfg} --run-dir {params.run_dir} --launcher {params.launcher} "
         "{params.cluster} --on-config-change restart > {log} 2>&1"
-
 
 
 # Teachers gate every sCD run: the same rule for them, scheduled first.
