@@ -2,7 +2,8 @@
 
 From a finished study (its results folder) and the pipeline's wall time:
 
-- job time: every rule's `benchmark:` file (Snakemake measures each job's wall seconds);
+- job time: every rule's `benchmark:` file (Snakemake measures each job's wall seconds; with
+  --benchmark-extended, as the profiles set it, a job of N threads holds N cores);
 - work: what the jobs themselves report doing: training steps (stats.jsonl: sec_per_kimg x kimg of each
   logged window; a sweep's trials likewise), sampling and metrics (metrics.json: sample_seconds,
   metric_seconds); rules that report nothing (configs, sample grids, the report) count as overhead;
@@ -26,7 +27,7 @@ from pathlib import Path
 class RuleTime:
     rule: str
     jobs: int
-    job_s: float       # sum of the jobs' wall seconds (benchmark files)
+    job_s: float       # sum of the jobs' core-seconds (wall seconds x threads, benchmark files)
     work_s: float      # sum of the work the jobs report (0 where a rule reports none)
 
     @property
@@ -35,10 +36,13 @@ class RuleTime:
 
 
 def _benchmark_seconds(path: Path) -> float:
-    """Wall seconds of one job: the first data row's `s` column (Snakemake writes one row per repeat)."""
+    """Core-seconds one job held: its wall seconds (the first row's `s`; Snakemake writes one row per repeat)
+    times its threads (the `threads` column of --benchmark-extended files, else 1)."""
     with open(path) as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
-    return float(rows[0]["s"]) if rows else 0.0
+    if not rows:
+        return 0.0
+    return float(rows[0]["s"]) * int(float(rows[0].get("threads") or 1))
 
 
 def training_seconds(run_dir: Path) -> float:

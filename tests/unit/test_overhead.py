@@ -34,6 +34,14 @@ def _results(tmp_path):
     return res
 
 
+def test_a_job_of_n_threads_holds_n_cores(tmp_path):
+    path = tmp_path / "results" / "benchmarks" / "sweeps" / "s.tsv"
+    path.parent.mkdir(parents=True)
+    extended = HEADER.rstrip("\n") + "\tjobid\trule_name\tthreads\n"
+    path.write_text(extended + "10.0\t0:00:10\t1\t1\t1\t1\t0\t0\t0\t9\t1\tsweep\t2\n")
+    assert breakdown(tmp_path / "results", wall_s=10.0, cores=2)["rules"][0]["job_s"] == pytest.approx(20.0)
+
+
 def test_breakdown_splits_the_wall_into_work_job_overhead_and_idle(tmp_path):
     res = _results(tmp_path)
     assert training_seconds(res / "runs" / "teacher-tS-base-s0") == pytest.approx(35.0)
