@@ -63,6 +63,9 @@ def load_metrics(paths: list[str | Path]) -> pd.DataFrame:
                 "fid": float(m["fid_min"]), "fid_mean": _scalar(m, "fid"),
                 "fid_sd": float(m.get("fid_sd", 0.0) or 0.0),
                 "class_accuracy": _scalar(m, "class_accuracy"),
+                # what the evaluation cost (the cost table's eval GPU-/CPU-hours)
+                "sample_seconds": m.get("sample_seconds"), "metric_seconds": m.get("metric_seconds"),
+                "eval_gpus": m.get("eval_gpus"), "eval_threads": m.get("eval_threads"),
                 "path": str(path),
             })
     df = pd.DataFrame(rows)

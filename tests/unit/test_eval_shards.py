@@ -90,6 +90,19 @@ def test_eval_hours_gpu_and_cpu():
     assert eval_hours(old) == (None, pytest.approx(0.01))
 
 
+def test_eval_hours_reach_the_report_through_metrics_files(tmp_path):
+    # what scm evaluate writes, read back as the report reads it (load_metrics), not a hand-made frame
+    import json
+
+    from scm.report import load_metrics
+
+    entry = {"run_id": "scd-tS-base-s0", "steps": 2, "nfe": 2, "params": 1e6, "fid": [5.0], "fid_min": 5.0,
+             "sample_seconds": 30.0, "metric_seconds": 6.0, "eval_gpus": 0, "eval_threads": 2}
+    path = tmp_path / "scd-tS-base-s0.json"
+    path.write_text(json.dumps([entry, {**entry, "steps": 1, "nfe": 1}]))
+    assert eval_hours(load_metrics([path])) == (None, pytest.approx(2 * 72 / 3600))
+
+
 def test_cli_shard_and_launcher_errors_are_one_line(tmp_path, capsys):
     from scm.cli import main
 
