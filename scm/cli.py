@@ -343,7 +343,7 @@ def cmd_bench_orchestration(args) -> int:
 
 
 def cmd_bench_overhead(args) -> int:
-    from scm.overhead import breakdown
+    from scm.bench.overhead import breakdown
 
     wall = args.wall
     if wall is None:

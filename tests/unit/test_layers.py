@@ -8,8 +8,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # docs/architecture.md, top to bottom.
 LAYERS = [
     {"cli"},
-    {"study", "launch", "sweep", "sweep_spec", "eval_shards", "exact_study", "report", "exact_report", "bench",
-     "overhead"},
+    {"study", "launch", "sweep", "sweep_spec", "eval_shards", "exact_study", "report", "exact_report", "bench"},
     {"train", "evaluate", "metrics", "extractors", "calibration", "exact", "tracking"},
     {"losses", "networks", "attention", "triton_attention", "samplers", "ema"},
     {"config", "trigflow", "gmm", "shapes", "data", "checkpoint", "fileio", "seedstats"},
@@ -32,24 +31,30 @@ def _scm_imports(path: Path) -> set[str]:
     return names
 
 
+def _files():
+    """(module, path) of every library file; a package's files count as the package (scm/bench/*.py: bench)."""
+    for path in sorted((ROOT / "scm").glob("*.py")):
+        if path.stem != "__init__":
+            yield path.stem, path
+    for path in sorted((ROOT / "scm").glob("*/*.py")):
+        yield path.parent.name, path
+
+
 def test_every_module_has_a_layer():
-    modules = {p.stem for p in (ROOT / "scm").glob("*.py")} - {"__init__"}
-    assert modules == set().union(*LAYERS)
+    assert {module for module, _ in _files()} == set().union(*LAYERS)
 
 
 def test_no_module_imports_from_a_layer_above_it():
     upward = []
-    for path in sorted((ROOT / "scm").glob("*.py")):
-        if path.stem == "__init__":
-            continue
+    for module, path in _files():
         for name in _scm_imports(path):
-            if _layer(name) < _layer(path.stem):
-                upward.append(f"{path.stem} -> {name}")
+            if _layer(name) < _layer(module):
+                upward.append(f"{module} -> {name}")
     assert not upward
 
 
 def test_the_library_does_not_reach_into_tests_or_outside_the_repository():
-    for path in sorted((ROOT / "scm").glob("*.py")):
+    for _, path in _files():
         tree = ast.parse(path.read_text())
         docstrings = {id(n.body[0].value) for n in ast.walk(tree)
                       if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(n)}

@@ -1,11 +1,11 @@
-"""The pipeline-overhead breakdown (scm.overhead) on a synthetic results folder with known times."""
+"""The pipeline-overhead breakdown (scm.bench.overhead) on a synthetic results folder with known times."""
 
 import json
 
 import pytest
 
+from scm.bench.overhead import breakdown, training_seconds
 from scm.cli import main
-from scm.overhead import breakdown, training_seconds
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 
