@@ -87,6 +87,16 @@ def shard_path(shard_dir, steps: int, set_index: int, shard: int, shards: int) -
     return Path(shard_dir) / f"steps{steps}-set{set_index}-shard{shard}of{shards}.npz"
 
 
+def _open_run(spec):
+    """(start time, run dir, device, final.pt digest, run config) of a task or the reduce step; torch's
+    threads set first."""
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    run_dir = Path(spec.run_dir)
+    return time.time(), run_dir, E.resolve_device(spec.device), checkpoint_digest(run_dir / "final.pt"), \
+        _run_config(run_dir)
+
+
 def _run_config(run_dir):
     from scm import config as C
 
@@ -194,12 +204,7 @@ def run_shard(spec: EvalSpec, shard: int) -> dict:
     files; files already present and current are kept. Returns {computed, kept, seconds}."""
     from scm.train import load_final
 
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    t0 = time.time()
-    run_dir, device = Path(spec.run_dir), E.resolve_device(spec.device)
-    final_digest = checkpoint_digest(run_dir / "final.pt")
-    cfg = _run_config(run_dir)
+    t0, run_dir, device, final_digest, cfg = _open_run(spec)
     ref, dino = _feature_reference(spec, cfg), _dino_reference(spec, cfg)
     layers = feature_layers(ref, spec.kid, spec.prc)
     net = vae = None
@@ -321,12 +326,7 @@ def set_metrics(parts: list[dict], seeds: list[int], ref: M.Reference, mu_ref, s
 def reduce_shards(spec: EvalSpec) -> list[dict]:
     """metrics.json entries (scm.evaluate's schema) from the shard files; missing or stale ones are an error
     naming them."""
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    t0 = time.time()
-    run_dir, device = Path(spec.run_dir), E.resolve_device(spec.device)
-    final_digest = checkpoint_digest(run_dir / "final.pt")
-    cfg = _run_config(run_dir)
+    t0, run_dir, device, final_digest, cfg = _open_run(spec)
     ref, ref_path, dino = E.references(cfg, spec.extractor, spec.extractor_weights, spec.cache_dir, spec.ref_stats,
                                        spec.dinov2, device)
     mu_ref, sigma_ref, _ = M.reference_stats(ref, str(device))

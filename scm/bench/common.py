@@ -51,6 +51,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _timed(fn, device) -> float:
+    """Seconds of one call of fn, the device synchronized before and after (CUDA runs asynchronously)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def _wall(cmd: list[str], cwd: str | Path) -> float:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)

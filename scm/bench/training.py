@@ -7,12 +7,11 @@ import json
 import logging
 import subprocess
 import sys
-import time
 
 import torch
 
 from scm import config as C
-from scm.bench.common import Timing, _stats, _sync
+from scm.bench.common import Timing, _stats, _timed
 from scm.losses import build_loss
 from scm.networks import build_network
 
@@ -71,13 +70,9 @@ def step_benchmark(sizes: list[str], batch: int = 64, repeats: int = 7, warmup: 
             times = {m: [] for m in methods}
             for rep in range(warmup + repeats):
                 for m in methods:  # interleaved: drift affects every method alike
-                    fn, _ = fns[m]
-                    _sync(dev)
-                    start = time.perf_counter()
-                    fn()
-                    _sync(dev)
+                    seconds = _timed(fns[m][0], dev)
                     if rep >= warmup:
-                        times[m].append(time.perf_counter() - start)
+                        times[m].append(seconds)
                 log.info("size %s batch %d repeat %d/%d", size, b, rep + 1, warmup + repeats)
             params = {m: fns[m][1] for m in methods}
             del fns  # free the models before the memory measurements
@@ -203,12 +198,9 @@ def jvp_benchmark(sizes: list[str], batch: int = 64, repeats: int = 7, warmup: i
         with torch.no_grad():
             for rep in range(warmup + repeats):
                 for m, fn in fns.items():
-                    _sync(dev)
-                    start = time.perf_counter()
-                    fn()
-                    _sync(dev)
+                    seconds = _timed(fn, dev)
                     if rep >= warmup:
-                        times[m].append(time.perf_counter() - start)
+                        times[m].append(seconds)
         params_m = sum(p.numel() for p in net.parameters()) / 1e6
         for m in fns:
             rows.append(Timing(m, size, batch, params_m, *_stats(times[m]), len(times[m])))
