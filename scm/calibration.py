@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scm import config as C
 from scm import metrics as M
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def _cases(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, seed: int):
 
 def calibrate(extractor_weights=None, shapes_version: int = 1, num: int = 512, ref_images: int = 2048,
               seed_sets: int = 3, runs: list[tuple[str, str, int]] | None = None, resolution: int = 16,
-              cache_dir=M.DEFAULT_CACHE_DIR, device: str = "cpu") -> list[dict]:
+              cache_dir=C.REF_STATS_DIR, device: str = "cpu") -> list[dict]:
     """Rows {case, fid, fid_mean/sd/min/max, fjd_mean, class_accuracy_mean, ...} over `seed_sets` sets of
     `num` images (real set j: seed 2001 + j; disjoint from the reference (seed 0) and the extractor's
     images). `runs`: (label, run_dir, steps) whose EMA samples (seeds j num ...) become rows too."""

@@ -30,6 +30,7 @@ import numpy as np
 import submitit
 import torch
 
+from scm import config as C
 from scm import evaluate as E
 from scm import extractors
 from scm import metrics as M
@@ -61,7 +62,7 @@ class EvalSpec:
     guidance: float | None = None
     extractor: str | None = None
     extractor_weights: str | None = None
-    cache_dir: str = M.DEFAULT_CACHE_DIR
+    cache_dir: str = C.REF_STATS_DIR
     ref_stats: str | None = None
     dinov2: str | None = None
     kid: bool = True

@@ -301,7 +301,7 @@ def _entry_base(run_dir: Path, cfg, spec: SamplerSpec, nfe: int) -> dict:
 
 def evaluate_run(run_dir, steps: list[int], num: int = 1024, seed_sets: int = 1, first_seed: int = 0,
                  batch: int = 64, solver: str | None = None, guidance: float | None = None,
-                 extractor: str | None = None, extractor_weights=None, cache_dir=M.DEFAULT_CACHE_DIR,
+                 extractor: str | None = None, extractor_weights=None, cache_dir=C.REF_STATS_DIR,
                  ref_stats=None, dinov2=None, kid: bool = True, prc: bool = True, kid_subsets: int = 100,
                  device: str = "auto", vae_path=None) -> list[dict]:
     """One metrics entry per value of `steps`; seed set j uses seeds first_seed + [j num, (j + 1) num)."""
@@ -344,7 +344,7 @@ def device_count(device) -> int:
     return torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
 
 
-def references(cfg, extractor=None, extractor_weights=None, cache_dir=M.DEFAULT_CACHE_DIR, ref_stats=None,
+def references(cfg, extractor=None, extractor_weights=None, cache_dir=C.REF_STATS_DIR, ref_stats=None,
                dinov2=None, device="cpu"):
     """(FID reference, its statistics file, DINOv2 reference or None) of a run's dataset."""
     images, real_labels = (None, None) if ref_stats else real_images(cfg.data, with_labels=True)

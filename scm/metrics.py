@@ -43,7 +43,6 @@ from scm.fileio import file_fingerprint
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = C.REF_STATS_DIR
 REF_STATS_VERSION = 1  # bump when the naming or the statistics change meaning
 
 
@@ -184,7 +183,7 @@ class Reference:
 
 
 def make_reference(dataset: str, images: torch.Tensor | None = None, extractor: str | None = None,
-                   weights_path=None, cache_dir=DEFAULT_CACHE_DIR, stats_path=None, labels=None,
+                   weights_path=None, cache_dir=C.REF_STATS_DIR, stats_path=None, labels=None,
                    shapes_version: int | None = None) -> Reference:
     """The reference of `dataset`. Shapes: the extractor of renderer `shapes_version` (default path, trained
     if missing; given weights must match that version); without `shapes_version` the weights' own."""
