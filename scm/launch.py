@@ -242,24 +242,12 @@ def _reattach(run_dir: Path, launcher: str):
     return None
 
 
-def _final_is_good(run_dir: Path) -> bool:
-    """final.pt passes its checksum (a corrupt one is repaired by the job's training, so submit)."""
-    from scm.checkpoint import CheckpointError, verify_checkpoint
-
-    try:
-        verify_checkpoint(run_dir / "final.pt")
-        return True
-    except (CheckpointError, OSError) as e:
-        log.warning("%s/final.pt is corrupt (%s): submitting to re-create it", run_dir, e)
-        return False
-
-
 def submit(cfg: C.Config, run_dir: str | Path, launcher: str = "local", profile: ClusterProfile | None = None,
            on_config_change: str = "error"):
     """Submit training (or re-attach to the job already running for run_dir); returns the submitit job.
 
     Raises AlreadyCompleted when there is nothing to do (also after waiting for another trainer)."""
-    from scm.train import check_teacher, mismatch_error, run_dir_state
+    from scm.train import check_teacher, final_fault, mismatch_error, run_dir_state
 
     upstream = check_teacher(cfg)  # bad input: before the run directory exists
     run_dir = Path(run_dir).resolve()
@@ -278,8 +266,11 @@ def submit(cfg: C.Config, run_dir: str | Path, launcher: str = "local", profile:
         status, mismatch = run_dir_state(cfg, run_dir, upstream)
         if mismatch is not None and on_config_change != "restart":
             raise mismatch_error(run_dir, mismatch)
-        if mismatch is None and status.get("state") == "completed" and _final_is_good(run_dir):
-            raise AlreadyCompleted(f"{run_dir} is already completed; nothing to submit")
+        if mismatch is None and status.get("state") == "completed":
+            why = final_fault(run_dir)
+            if why is None:
+                raise AlreadyCompleted(f"{run_dir} is already completed; nothing to submit")
+            log.warning("%s/final.pt is corrupt (%s): submitting to re-create it", run_dir, why)
         # A fresh submitit folder per submission: SLURM job ids restart after a cluster reset.
         folder = run_dir / "jobs" / time.strftime("%Y%m%d-%H%M%S")
         folder = folder.with_name(f"{folder.name}-{os.getpid()}")

@@ -744,15 +744,21 @@ def prepare_run_dir(cfg: C.Config, run_dir: str | Path, on_config_change: str = 
         _clear_run(run_dir)
         status = read_status(run_dir)
     final = run_dir / "final.pt"
-    if status.get("state") == "completed":
-        try:
-            verify_checkpoint(final)
-        except (CheckpointError, OSError) as e:
-            log.error("%s is corrupt (%s): removing it; training resumes from the last checkpoint and "
-                      "writes it again", final, e)
-            final.unlink()
-            status = {**status, "state": "incomplete", "reason": f"corrupt final.pt: {e}"}
+    if status.get("state") == "completed" and (why := final_fault(run_dir)) is not None:
+        log.error("%s is corrupt (%s): removing it; training resumes from the last checkpoint and "
+                  "writes it again", final, why)
+        final.unlink()
+        status = {**status, "state": "incomplete", "reason": f"corrupt final.pt: {why}"}
     return status
+
+
+def final_fault(run_dir: str | Path) -> str | None:
+    """Why RUN_DIR/final.pt fails its checksum (or cannot be read); None when it is good."""
+    try:
+        verify_checkpoint(Path(run_dir) / "final.pt")
+    except (CheckpointError, OSError) as e:
+        return str(e)
+    return None
 
 
 def _clear_run(run_dir: Path) -> None:
