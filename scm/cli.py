@@ -254,6 +254,23 @@ def cmd_bench_step(args) -> int:
     return 0
 
 
+def cmd_bench_threads(args) -> int:
+    from scm.bench.output import write_csv
+    from scm.bench.threads import thread_layouts
+
+    hw = _bench_setup(args)
+    layouts = [tuple(int(n) for n in lay.split("x")) for lay in args.layouts]
+    rows = thread_layouts(layouts, size=args.size, batch=args.batch, mixes=args.mixes, repeats=args.repeats)
+    print(f"{'layout':<7} {'mixes':>5} {'median s':>9} {'min s':>8} {'max s':>8} {'mixes/s':>8}")
+    for r in rows:
+        print(f"{r.layout:<7} {r.mixes:>5} {r.median_s:>9.2f} {r.min_s:>8.2f} {r.max_s:>8.2f} {r.mixes_per_s:>8.3f}")
+    base = rows[0]
+    for r in rows[1:]:
+        print(f"throughput {r.layout} / {base.layout}: {r.mixes_per_s / base.mixes_per_s:.2f}")
+    print(f"wrote {write_csv(rows, args.out, hw)}; median of {args.repeats} repeats")
+    return 0
+
+
 def cmd_bench_jvp(args) -> int:
     from scm.bench import jvp_benchmark, jvp_ratios, plot_timings
 
@@ -779,6 +796,16 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--device", default="cpu")
     step.add_argument("--out", default="results/bench/step.csv", help="CSV; the PNG goes next to it")
     step.set_defaults(func=cmd_bench_step)
+
+    thr = bsub.add_parser("threads", help="J jobs x K threads for the study's mix (teacher + sCD steps): "
+                                          "throughput of each layout doing the same work")
+    thr.add_argument("--layouts", nargs="+", default=["2x1", "1x2"], help="JxK: J concurrent jobs, K threads each")
+    thr.add_argument("--size", default="tS")
+    thr.add_argument("--batch", type=int, default=32)
+    thr.add_argument("--mixes", type=int, default=20, help="teacher + sCD step pairs per job of the widest layout")
+    thr.add_argument("--repeats", type=int, default=3)
+    thr.add_argument("--out", default="results/bench/threads.csv")
+    thr.set_defaults(func=cmd_bench_threads)
 
     jvp = bsub.add_parser("jvp", help="network forward vs forward_with_tangent vs torch.func.jvp vs the float64 "
                                       "finite difference (no grad)")

@@ -125,3 +125,16 @@ def test_cli_orchestration_with_fake_tools(tmp_path, capsys, monkeypatch):
     assert "imagenet512 DAG:" in text and "(target <= 5)" in text and "skipped" in text
     assert [r["what"] for r in _csv(out)] == ["dag_imagenet512", "slurm_submit_to_start"]
     assert os.path.exists(tmp_path / "orc.png")
+
+
+def test_thread_layouts_do_the_same_work(tmp_path, capsys):
+    """Each layout does mixes x the widest layout's jobs; every row is a positive time of fresh processes."""
+    from scm.bench.threads import thread_layouts
+
+    rows = thread_layouts([(2, 1), (1, 2)], size="tS", batch=4, mixes=1, repeats=1)
+    assert [r.layout for r in rows] == ["2x1", "1x2"]
+    assert all(r.mixes == 2 and r.median_s > 0 and r.mixes_per_s == pytest.approx(2 / r.median_s) for r in rows)
+    out = tmp_path / "threads.csv"
+    assert main(["bench", "threads", "--layouts", "1x1", "--batch", "4", "--mixes", "1", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    assert "1x1" in capsys.readouterr().out and out.exists()
