@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scm import config as C
 from scm.checkpoint import (
     HEARTBEAT_S,
     CheckpointError,
@@ -53,6 +52,7 @@ from scm.checkpoint import (
     verify_checkpoint,
     write_status,
 )
+from scm.config import Config, ConfigError, OptimConfig, RunConfig, config_hash, flatten, from_dict, to_dict
 from scm.data import InfiniteLoader, build_dataset
 from scm.ema import EMA
 from scm.fileio import atomic_write_json
@@ -84,7 +84,7 @@ class TeacherNotReadyError(FileNotFoundError):
     """sCD was pointed at a teacher run that is missing or unfinished."""
 
 
-class TeacherMismatchError(C.ConfigError):
+class TeacherMismatchError(ConfigError):
     """sCD was pointed at a teacher whose network does not fit the student's."""
 
 
@@ -128,7 +128,7 @@ def _versions() -> dict:
     return out
 
 
-def write_run_json(run_dir: Path, cfg: C.Config, upstream: dict | None = None) -> None:
+def write_run_json(run_dir: Path, cfg: Config, upstream: dict | None = None) -> None:
     """run.json: resolved config and hash, what the run is built from (upstream), code version,
     environment; keeps job ids from earlier writes."""
     path = run_dir / "run.json"
@@ -137,7 +137,7 @@ def write_run_json(run_dir: Path, cfg: C.Config, upstream: dict | None = None) -
     jid = os.environ.get("SLURM_JOB_ID")
     if jid and jid not in job_ids:
         job_ids.append(jid)
-    atomic_write_json(path, {"config": C.to_dict(cfg), "config_hash": C.config_hash(cfg),
+    atomic_write_json(path, {"config": to_dict(cfg), "config_hash": config_hash(cfg),
                              "upstream": upstream or {}, "git": _git_info(),
                              "versions": _versions(), "host": platform.node(), "slurm_job_ids": job_ids,
                              "started": old.get("started", time.time())})
@@ -160,17 +160,17 @@ def load_final(run_dir: Path, which: str = "ema", device="cpu"):
     except (CheckpointError, EOFError, RuntimeError, OSError) as e:
         raise FinalCorruptError(f"{final} is unusable ({e}); run `scm train` on {run_dir} again to "
                                 "re-create it") from None
-    cfg = C.from_dict(state["config"])
+    cfg = from_dict(state["config"])
     net = build_network(cfg.network, cfg.data, cfg.sigma_d)
     net.load_state_dict(state[which])
     return net.to(device).eval(), cfg
 
 
-def _is_exact_teacher(cfg: C.Config) -> bool:
+def _is_exact_teacher(cfg: Config) -> bool:
     return cfg.run.teacher_run_dir.startswith("exact:")
 
 
-def load_teacher(cfg: C.Config, device):
+def load_teacher(cfg: Config, device):
     """sCD's teacher F_pretrain: the EMA network of a finished run, or an exact velocity ('exact:SPEC')."""
     if _is_exact_teacher(cfg):
         from scm.exact import exact_teacher
@@ -180,13 +180,13 @@ def load_teacher(cfg: C.Config, device):
     return teacher
 
 
-def _saved_config(run_dir: Path) -> C.Config | None:
+def _saved_config(run_dir: Path) -> Config | None:
     """A run's config from its config.json, else from its final.pt or newest checkpoint."""
     if (run_dir / "config.json").exists():
-        return C.from_dict(json.loads((run_dir / "config.json").read_text()))
+        return from_dict(json.loads((run_dir / "config.json").read_text()))
     for path in [run_dir / "final.pt", *reversed([p for _, p in list_checkpoints(run_dir)])]:
         try:
-            return C.from_dict(load_checkpoint(path)["config"]) if path.exists() else None
+            return from_dict(load_checkpoint(path)["config"]) if path.exists() else None
         except (CheckpointError, EOFError, RuntimeError, OSError, KeyError):
             continue
     return None
@@ -195,7 +195,7 @@ def _saved_config(run_dir: Path) -> C.Config | None:
 _ARCH_KEYS = ("data.resolution", "data.channels", "data.label_dim")
 
 
-def _teacher_misfit(teacher: C.Config, student: C.Config) -> str | None:
+def _teacher_misfit(teacher: Config, student: Config) -> str | None:
     """Why the teacher's weights cannot initialize the student (shapes compared on the meta device)."""
     with torch.device("meta"):
         t_shapes = {k: v.shape for k, v in build_network(teacher.network, teacher.data, teacher.sigma_d)
@@ -205,7 +205,7 @@ def _teacher_misfit(teacher: C.Config, student: C.Config) -> str | None:
     bad = [k for k in t_shapes if k not in s_shapes or s_shapes[k] != t_shapes[k]]
     if not bad:
         return None
-    t_flat, s_flat = C.flatten(C.to_dict(teacher)), C.flatten(C.to_dict(student))
+    t_flat, s_flat = flatten(to_dict(teacher)), flatten(to_dict(student))
     keys = [k for k in t_flat if (k.startswith("network.") or k in _ARCH_KEYS) and t_flat[k] != s_flat.get(k)]
     if not keys:  # differs in no architecture key (another code version): name a tensor
         k = bad[0]
@@ -214,7 +214,7 @@ def _teacher_misfit(teacher: C.Config, student: C.Config) -> str | None:
             + ", ".join(f"{k} {s_flat.get(k)}" for k in keys))
 
 
-def check_teacher(cfg: C.Config) -> dict:
+def check_teacher(cfg: Config) -> dict:
     """sCD: the teacher run is finished and fits the student; returns the run's upstream identity.
 
     Called before the student's run directory is touched, so bad input leaves nothing behind.
@@ -222,7 +222,7 @@ def check_teacher(cfg: C.Config) -> dict:
     if cfg.run.method != "scd":
         return {}
     if not cfg.run.teacher_run_dir:
-        raise C.ConfigError("run.teacher_run_dir: sCD needs the run directory of a finished teacher")
+        raise ConfigError("run.teacher_run_dir: sCD needs the run directory of a finished teacher")
     if _is_exact_teacher(cfg):  # the spec string is the identity, and it is in the config hash
         return {}
     tdir = Path(cfg.run.teacher_run_dir)
@@ -251,7 +251,7 @@ def check_teacher(cfg: C.Config) -> dict:
 # Learning rate: EDM2's inverse square-root decay with a linear ramp-up.
 
 
-def learning_rate(cfg: C.OptimConfig, step: int, cur_nimg: int) -> float:
+def learning_rate(cfg: OptimConfig, step: int, cur_nimg: int) -> float:
     lr = cfg.lr
     if cfg.lr_ref_iters > 0:
         lr /= math.sqrt(max(step / cfg.lr_ref_iters, 1.0))
@@ -260,14 +260,14 @@ def learning_rate(cfg: C.OptimConfig, step: int, cur_nimg: int) -> float:
     return lr
 
 
-def _optimizer(cfg: C.OptimConfig, params):
+def _optimizer(cfg: OptimConfig, params):
     # Adam as one fused kernel, RAdam as multi-tensor (foreach) ops: the same update up to float rounding,
     # without a Python loop of ~10 ops per parameter tensor (the CPU nets are dominated by per-op overhead).
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
     if cfg.name == "radam":
         return torch.optim.RAdam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
-    raise C.ConfigError(f"optim.name: unknown {cfg.name!r}; choose adam or radam", key="optim.name")
+    raise ConfigError(f"optim.name: unknown {cfg.name!r}; choose adam or radam", key="optim.name")
 
 
 def grad_norm_and_clip(params, max_norm: float) -> float:
@@ -283,11 +283,11 @@ def grad_norm_and_clip(params, max_norm: float) -> float:
     return total
 
 
-def _device(cfg: C.RunConfig) -> torch.device:
+def _device(cfg: RunConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise C.ConfigError("run.device: 'cuda' requested but no CUDA device is available")
+        raise ConfigError("run.device: 'cuda' requested but no CUDA device is available")
     return torch.device(cfg.device)
 
 
@@ -345,10 +345,10 @@ class _StopSignals:
 
 
 # ----------------------------------------------------------------------------
-# The loop.
+# Entry point and setup.
 
 
-def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] | None = None,
+def train(cfg: Config, run_dir: str | Path, progress: Callable[[dict], None] | None = None,
           stop_after_steps: int | None = None, on_config_change: str = "error",
           on_eval: Callable[[int, float, torch.nn.Module], None] | None = None, wait: bool = True) -> dict:
     """Train cfg.run.method in run_dir until cfg.run.total_kimg; resumable; returns the final status.
@@ -365,7 +365,7 @@ def train(cfg: C.Config, run_dir: str | Path, progress: Callable[[dict], None] |
     upstream = check_teacher(cfg)
     device = _device(cfg.run)
     if cfg.run.precision == "fp16" and device.type != "cuda":
-        raise C.ConfigError("run.precision: fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+        raise ConfigError("run.precision: fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rank, world = _dist()
@@ -392,7 +392,7 @@ def _train(cfg, run_dir, device, rank, world, upstream, progress, stop_after_ste
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     if rank == 0:
-        atomic_write_json(run_dir / "config.json", C.to_dict(cfg))
+        atomic_write_json(run_dir / "config.json", to_dict(cfg))
         write_run_json(run_dir, cfg, upstream)
         write_status(run_dir, "running", step=None)
     with _StopSignals() as stop:
@@ -443,7 +443,7 @@ class _Parts:
     loss_fn: Callable
 
 
-def _build(cfg: C.Config, device, world: int) -> _Parts:
+def _build(cfg: Config, device, world: int) -> _Parts:
     """Networks, EMA, optimizer and loss. sCD starts from the teacher's EMA weights and distills from that
     EMA copy (sCM Sec. 5, initialization from the pretrained diffusion model)."""
     torch.manual_seed(cfg.run.seed)
@@ -471,6 +471,166 @@ def _build(cfg: C.Config, device, world: int) -> _Parts:
                   loss_fn=build_loss(cfg.run.method, cfg.loss, cfg.sigma_d, teacher))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    """A run's kimg settings in whole steps of run.batch_size images."""
+    batch: int
+    total_steps: int
+    ckpt_every: int
+    log_every: int
+    eval_every: int  # 0: no on_eval calls
+
+
+def _schedule(cfg: RunConfig) -> _Schedule:
+    batch = cfg.batch_size
+    total_steps = max(1, math.ceil(cfg.total_kimg * 1000 / batch))
+    return _Schedule(
+        batch=batch, total_steps=total_steps,
+        ckpt_every=max(1, round(cfg.checkpoint_kimg * 1000 / batch)) if cfg.checkpoint_kimg else total_steps,
+        log_every=max(1, round(cfg.log_kimg * 1000 / batch)),
+        eval_every=max(1, round(cfg.eval_kimg * 1000 / batch)) if cfg.eval_kimg > 0 else 0)
+
+
+@dataclasses.dataclass
+class _LoopState:
+    """Where the loop stands; the preemption handler (request_checkpoint) reads it between any two statements.
+
+    phase: 'compute' until the optimizer touches the weights, then 'commit', 'idle' between steps. During
+    compute the weights are still those of `step`, so saving them with `start` (the data position and RNG
+    states taken at the step's start) is exact; during the short commit phase we keep the last checkpoint.
+    """
+    step: int = 0
+    bad_batches: int = 0
+    last_ckpt: Path | None = None
+    phase: str = "idle"
+    start: tuple[dict, dict] | None = None
+
+
+def _resume(cfg: Config, run_dir: Path, device, rank: int, upstream: dict, parts: _Parts,
+            loader: InfiniteLoader) -> _LoopState:
+    """Load the newest valid checkpoint (weights, EMA, optimizer, grad scaler, data position, RNG states);
+    without one, seed this rank's random draws for a start from step 0."""
+    found = latest_valid_checkpoint(run_dir, map_location=device)
+    if found and _identity(found[1]) != _identity({"config": to_dict(cfg), "upstream": upstream}):
+        # prepare_run_dir compared config.json/run.json; this is the weights' own record
+        raise ConfigError(f"{found[0]} was trained under another config or teacher than {run_dir}/config.json "
+                          "says; use a new run directory, or restart it (--on-config-change restart)")
+    if not found:
+        if list_checkpoints(run_dir):
+            log.error("NO USABLE CHECKPOINT: all %d checkpoints in %s are corrupt (named above); restarting "
+                      "from step 0", len(list_checkpoints(run_dir)), run_dir / "checkpoints")
+        torch.manual_seed(cfg.run.seed + 1 + rank)
+        return _LoopState()
+    last_ckpt, state = found
+    parts.net.load_state_dict(state["net"])
+    parts.ema.load_state_dict(state["ema"])
+    parts.opt.load_state_dict(state["optimizer"])
+    parts.scaler.load_state_dict(state["scaler"])
+    loader.load_state_dict(state["loader"])
+    _set_rng_state(state["rng"], device)
+    log.info("resumed from %s at step %d (%.1f kimg)", last_ckpt, state["step"],
+             state["step"] * cfg.run.batch_size / 1000)
+    return _LoopState(step=state["step"], bad_batches=state["bad_batches"], last_ckpt=last_ckpt)
+
+
+class _Checkpoints:
+    """This run's checkpoints: rank 0 writes them, every rank gets the path."""
+
+    def __init__(self, cfg: Config, run_dir: Path, rank: int, device, parts: _Parts, loader: InfiniteLoader,
+                 upstream: dict, loop: _LoopState):
+        self.cfg, self.run_dir, self.rank, self.device = cfg, run_dir, rank, device
+        self.parts, self.loader, self.upstream, self.loop = parts, loader, upstream, loop
+
+    def save(self, at_step: int, loader_state=None, rng=None) -> Path:
+        path = checkpoint_path(self.run_dir, at_step)
+        if self.rank == 0:
+            p = self.parts
+            save_checkpoint(path, {"net": p.net.state_dict(), "ema": p.ema.state_dict(),
+                                   "optimizer": p.opt.state_dict(), "scaler": p.scaler.state_dict(),
+                                   "loader": loader_state or self.loader.state_dict(),
+                                   "rng": rng or _rng_state(self.device), "step": at_step,
+                                   "bad_batches": self.loop.bad_batches, "config": to_dict(self.cfg),
+                                   "upstream": self.upstream})
+            prune_checkpoints(self.run_dir, self.cfg.run.keep_checkpoints)
+        return path
+
+    def save_now(self) -> Path | None:
+        """The preemption checkpoint (see _LoopState.phase); None while the weights are being updated."""
+        loop = self.loop
+        if loop.phase == "commit":
+            log.warning("preempted while updating weights: resuming from %s", loop.last_ckpt)
+            return None
+        path = self.save(loop.step, *loop.start) if loop.phase == "compute" else self.save(loop.step)
+        log.info("preemption checkpoint %s at step %d", path, loop.step)
+        return path
+
+    def save_final(self) -> None:
+        """final.pt (what sCD, sampling and evaluation load), written by rank 0."""
+        if self.rank == 0:
+            p = self.parts
+            save_checkpoint(self.run_dir / "final.pt", {"ema": p.ema.state_dict(), "net": p.net.state_dict(),
+                                                        "config": to_dict(self.cfg), "upstream": self.upstream,
+                                                        "step": self.loop.step})
+
+
+# ----------------------------------------------------------------------------
+# One training step.
+
+
+def _train_step(cfg: Config, parts: _Parts, loader: InfiniteLoader, device, loop: _LoopState) -> dict:
+    """One optimisation step (sCM Alg. 1): loss, backward, gradient norm and clip, optimizer step at the
+    scheduled learning rate, EMA update; advances loop.step. Returns the step's record {lr, the loss's
+    diagnostics, grad_norm}. A non-finite loss or gradient skips the update (loop.bad_batches counts it);
+    beyond run.max_bad_batches it raises DivergedError naming the step and the last good checkpoint."""
+    net, ema, opt, scaler = parts.net, parts.ema, parts.opt, parts.scaler
+    step, batch = loop.step, cfg.run.batch_size
+    # start before phase: a preemption that sees 'compute' must find this step's start, not the last one's
+    loop.start = (loader.state_dict(), _rng_state(device))
+    loop.phase = "compute"
+    x0, labels = next(loader)
+    x0 = x0.to(device)
+    labels = labels.to(device) if cfg.data.label_dim else None
+    cur_nimg = (step + 1) * batch
+    lr = learning_rate(cfg.optim, step, cur_nimg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
+        loss, diag = parts.loss_fn(parts.ddp_net, x0, labels, step=step)
+    scaler.scale(loss.float().mean()).backward()
+    scaler.unscale_(opt)
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = grad_norm_and_clip(net.parameters(), max_norm)
+    # NaN/Inf: skip up to max_bad_batches, then stop naming the step and the last good checkpoint.
+    # (With fp16's grad scaler, inf gradients alone are routine: the scaler skips and rescales.)
+    loop.phase = "commit"
+    use_scaler = scaler.is_enabled()
+    if not math.isfinite(diag["loss"]) or (not math.isfinite(grad_norm) and not use_scaler):
+        loop.bad_batches += 1
+        if loop.bad_batches > cfg.run.max_bad_batches:
+            err = DivergedError(f"non-finite loss or gradient at step {step} (kimg {step * batch / 1000:.1f});"
+                                f" last good checkpoint: {loop.last_ckpt or 'none'}")
+            err.step, err.last_checkpoint = step, str(loop.last_ckpt)
+            raise err
+        log.warning("skipping non-finite batch at step %d (%d/%d)", step, loop.bad_batches,
+                    cfg.run.max_bad_batches)
+        opt.zero_grad(set_to_none=True)
+        if use_scaler:
+            scaler.update()
+    else:
+        scaler.step(opt)
+        scaler.update()
+        ema.update(net, cur_nimg, batch)
+    # step before phase: a preemption that sees 'idle' saves the updated weights as the next step's
+    loop.step += 1
+    loop.phase = "idle"
+    return {"lr": lr, **diag, "grad_norm": grad_norm}
+
+
+# ----------------------------------------------------------------------------
+# Bookkeeping around the steps.
+
+
 def _stats_row(window: list[dict], step: int, batch: int, lr: float, elapsed: float, device,
                bad_batches: int) -> dict:
     """One stats.jsonl line: the means of a log window's step diagnostics, its speed and the peak memory."""
@@ -483,174 +643,116 @@ def _stats_row(window: list[dict], step: int, batch: int, lr: float, elapsed: fl
     return row
 
 
+class _StatsWindow:
+    """The step records of one log interval; rank 0 writes them as a stats.jsonl row and to the tracker."""
+
+    def __init__(self, run_dir: Path, rank: int, device, batch: int, tracker):
+        self.path, self.rank, self.device, self.batch = run_dir / "stats.jsonl", rank, device, batch
+        self.tracker = tracker
+        self.records, self.t0 = [], time.perf_counter()
+
+    def add(self, record: dict) -> None:
+        # a row's lr is its last step's, not the window's mean
+        self.records.append({k: v for k, v in record.items() if k != "lr"})
+
+    def write(self, step: int, lr: float, bad_batches: int) -> None:
+        row = _stats_row(self.records, step, self.batch, lr, time.perf_counter() - self.t0, self.device, bad_batches)
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.tracker.log(row, step)
+        self.records, self.t0 = [], time.perf_counter()
+
+
+def _heartbeat(run_dir: Path, step: int, log_every: int, last: float) -> float:
+    """status.json names this process and says it is alive (every log interval or HEARTBEAT_S); returns
+    the time of the last beat."""
+    if step % log_every == 0 or time.monotonic() - last > HEARTBEAT_S:
+        write_status(run_dir, "running", step=step)
+        return time.monotonic()
+    return last
+
+
+def _track_grid(tracker, ema: EMA, cfg: Config, step: int) -> None:
+    """A sample grid of the EMA model, for trackers that take images."""
+    if tracker.wants_images:
+        grid = sample_grid(ema.model, cfg)
+        if grid is not None:
+            tracker.image("samples/ema", grid, step)
+
+
+def _evaluate(on_eval: Callable, parts: _Parts, step: int, batch: int) -> None:
+    _LAST_STEP["step"] = step  # a StopTraining from on_eval ends the run at this step
+    on_eval(step, step * batch / 1000, parts.ema.model)
+    parts.net.train()
+
+
+def _interrupted(signum: int, step: int, path: Path) -> TrainingInterrupted:
+    """The error for a SIGTERM/SIGINT stop at a step boundary, naming the checkpoint saved there."""
+    name = signal.Signals(signum).name
+    err = TrainingInterrupted(f"{name}: stopped at step {step}, checkpoint {path}; run again to resume", signum)
+    err.step = step
+    return err
+
+
+# ----------------------------------------------------------------------------
+# The loop: setup, then a step and its bookkeeping until total_kimg, then final.pt.
+
+
 def _loop(cfg, run_dir, device, rank, world, upstream, progress, stop_after_steps, on_eval, stop) -> dict:
     _LAST_STEP.clear()
     parts = _build(cfg, device, world)
-    net, ddp_net, ema, opt, scaler, amp_dtype, loss_fn = (parts.net, parts.ddp_net, parts.ema, parts.opt,
-                                                          parts.scaler, parts.amp_dtype, parts.loss_fn)
-    use_scaler = scaler.is_enabled()
-
     dataset = build_dataset(cfg.data, cfg.sigma_d)
     loader = InfiniteLoader(dataset, cfg.run.batch_size, seed=cfg.run.seed, rank=rank, world_size=world,
                             xflip=cfg.data.xflip)
-    batch = cfg.run.batch_size
-    total_steps = max(1, math.ceil(cfg.run.total_kimg * 1000 / batch))
-    ckpt_every = max(1, round(cfg.run.checkpoint_kimg * 1000 / batch)) if cfg.run.checkpoint_kimg else total_steps
-    log_every = max(1, round(cfg.run.log_kimg * 1000 / batch))
-    eval_every = max(1, round(cfg.run.eval_kimg * 1000 / batch)) if cfg.run.eval_kimg > 0 else 0
-
-    # Resume from the newest valid checkpoint.
-    step, bad_batches, last_ckpt = 0, 0, None
-    found = latest_valid_checkpoint(run_dir, map_location=device)
-    if found and _identity(found[1]) != _identity({"config": C.to_dict(cfg), "upstream": upstream}):
-        # prepare_run_dir compared config.json/run.json; this is the weights' own record
-        raise C.ConfigError(f"{found[0]} was trained under another config or teacher than {run_dir}/config.json "
-                            "says; use a new run directory, or restart it (--on-config-change restart)")
-    if found:
-        last_ckpt, state = found
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"])
-        step, bad_batches = state["step"], state["bad_batches"]
-        _set_rng_state(state["rng"], device)
-        log.info("resumed from %s at step %d (%.1f kimg)", last_ckpt, step, step * batch / 1000)
-    else:
-        if list_checkpoints(run_dir):
-            log.error("NO USABLE CHECKPOINT: all %d checkpoints in %s are corrupt (named above); restarting "
-                      "from step 0", len(list_checkpoints(run_dir)), run_dir / "checkpoints")
-        torch.manual_seed(cfg.run.seed + 1 + rank)
+    sched = _schedule(cfg.run)
+    loop = _resume(cfg, run_dir, device, rank, upstream, parts, loader)
     if rank == 0:  # stats past the resumed step (0 without a checkpoint) will be written again
-        _truncate_stats(run_dir / "stats.jsonl", step)
-
-    def save(at_step: int, loader_state=None, rng=None) -> Path:
-        path = checkpoint_path(run_dir, at_step)
-        if rank == 0:
-            save_checkpoint(path, {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                                   "scaler": scaler.state_dict(), "loader": loader_state or loader.state_dict(),
-                                   "rng": rng or _rng_state(device), "step": at_step, "bad_batches": bad_batches,
-                                   "config": C.to_dict(cfg), "upstream": upstream})
-            prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
-        return path
-
-    # Preemption: a step is 'compute' until the optimizer touches the weights, then 'commit'. During
-    # compute the weights are still those of `step`, so saving them with the data position and RNG
-    # taken at the step's start is exact; during the short commit phase we keep the last checkpoint.
-    phase = {"name": "idle", "loader": None, "rng": None}
-
-    def save_now() -> Path | None:
-        if phase["name"] == "commit":
-            log.warning("preempted while updating weights: resuming from %s", last_ckpt)
-            return None
-        if phase["name"] == "compute":
-            path = save(step, phase["loader"], phase["rng"])
-        else:
-            path = save(step)
-        log.info("preemption checkpoint %s at step %d", path, step)
-        return path
-
+        _truncate_stats(run_dir / "stats.jsonl", loop.step)
+    ckpts = _Checkpoints(cfg, run_dir, rank, device, parts, loader, upstream, loop)
     global _SAVE_NOW
-    _SAVE_NOW = save_now
-
+    _SAVE_NOW = ckpts.save_now
     # Optional tracking (scm.tracking): mirrors the stats rows, plus sample grids at checkpoints.
     tracker = make_tracker(cfg.run.tracker if rank == 0 else "none", run_dir, cfg.run.tracker_project,
-                           C.to_dict(cfg), resume_step=step)
-
-    def track_grid(at_step: int) -> None:
-        if tracker.wants_images:
-            grid = sample_grid(ema.model, cfg)
-            if grid is not None:
-                tracker.image("samples/ema", grid, at_step)
-
-    net.train()
-    window, t_window, steps_this_call = [], time.perf_counter(), 0
-    t_heartbeat = time.monotonic()
+                           to_dict(cfg), resume_step=loop.step)
+    parts.net.train()
+    window = _StatsWindow(run_dir, rank, device, sched.batch, tracker)
+    steps_this_call, t_heartbeat = 0, time.monotonic()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        while step < total_steps:
-            _LAST_STEP["step"] = step
+        while loop.step < sched.total_steps:
+            _LAST_STEP["step"] = loop.step
             if stop.signum is not None:  # SIGTERM/SIGINT: keep everything up to this step boundary
-                path = save(step)
-                name = signal.Signals(stop.signum).name
-                err = TrainingInterrupted(f"{name}: stopped at step {step}, checkpoint {path}; run again to resume",
-                                          stop.signum)
-                err.step = step
-                raise err
+                raise _interrupted(stop.signum, loop.step, ckpts.save(loop.step))
             if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                 if rank == 0:
-                    write_status(run_dir, "interrupted", step=step, reason=f"stopped after {steps_this_call} steps "
-                                 "(stop_after_steps); run again to resume")
+                    write_status(run_dir, "interrupted", step=loop.step, reason=f"stopped after {steps_this_call} "
+                                 "steps (stop_after_steps); run again to resume")
                 return read_status(run_dir)
-            # One optimization step.
-            phase.update(name="compute", loader=loader.state_dict(), rng=_rng_state(device))
-            x0, labels = next(loader)
-            x0 = x0.to(device)
-            labels = labels.to(device) if cfg.data.label_dim else None
-            cur_nimg = (step + 1) * batch
-            lr = learning_rate(cfg.optim, step, cur_nimg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, diag = loss_fn(ddp_net, x0, labels, step=step)
-            scaler.scale(loss.float().mean()).backward()
-            scaler.unscale_(opt)
-            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = grad_norm_and_clip(net.parameters(), max_norm)
-            # NaN/Inf: skip up to max_bad_batches, then stop naming the step and the last good checkpoint.
-            # (With fp16's grad scaler, inf gradients alone are routine: the scaler skips and rescales.)
-            phase["name"] = "commit"
-            if not math.isfinite(diag["loss"]) or (not math.isfinite(grad_norm) and not use_scaler):
-                bad_batches += 1
-                if bad_batches > cfg.run.max_bad_batches:
-                    err = DivergedError(f"non-finite loss or gradient at step {step} (kimg {step * batch / 1000:.1f});"
-                                        f" last good checkpoint: {last_ckpt or 'none'}")
-                    err.step, err.last_checkpoint = step, str(last_ckpt)
-                    raise err
-                log.warning("skipping non-finite batch at step %d (%d/%d)", step, bad_batches,
-                            cfg.run.max_bad_batches)
-                opt.zero_grad(set_to_none=True)
-                if use_scaler:
-                    scaler.update()
-            else:
-                scaler.step(opt)
-                scaler.update()
-                ema.update(net, cur_nimg, batch)
-            step += 1
+            record = _train_step(cfg, parts, loader, device, loop)
             steps_this_call += 1
-            phase["name"] = "idle"
-            window.append({**diag, "grad_norm": grad_norm})
-            info = {"step": step, "total_steps": total_steps, "kimg": step * batch / 1000, "lr": lr, **diag,
-                    "grad_norm": grad_norm}
-            if step % log_every == 0 or step == total_steps:
-                row = _stats_row(window, step, batch, lr, time.perf_counter() - t_window, device, bad_batches)
-                if rank == 0:
-                    with open(run_dir / "stats.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    tracker.log(row, step)
-                window, t_window = [], time.perf_counter()
-            # Heartbeat: status.json names this process and says it is alive (every log interval or HEARTBEAT_S).
-            if rank == 0 and (step % log_every == 0 or time.monotonic() - t_heartbeat > HEARTBEAT_S):
-                write_status(run_dir, "running", step=step)
-                t_heartbeat = time.monotonic()
-            if step % ckpt_every == 0 and step < total_steps:
-                last_ckpt = save(step)
-                track_grid(step)
-            if on_eval is not None and eval_every and step % eval_every == 0:
-                _LAST_STEP["step"] = step
-                on_eval(step, step * batch / 1000, ema.model)
-                net.train()
+            # Bookkeeping: stats row, heartbeat, checkpoint, evaluation hook, progress.
+            step = loop.step
+            window.add(record)
+            if step % sched.log_every == 0 or step == sched.total_steps:
+                window.write(step, record["lr"], loop.bad_batches)
+            if rank == 0:
+                t_heartbeat = _heartbeat(run_dir, step, sched.log_every, t_heartbeat)
+            if step % sched.ckpt_every == 0 and step < sched.total_steps:  # the last one is written below
+                loop.last_ckpt = ckpts.save(step)
+                _track_grid(tracker, parts.ema, cfg, step)
+            if on_eval is not None and sched.eval_every and step % sched.eval_every == 0:
+                _evaluate(on_eval, parts, step, sched.batch)
             if progress:
-                progress(info)
-        # Completed: a last checkpoint, then final.pt (what sCD, sampling and evaluation load).
-        last_ckpt = save(step)
+                progress({"step": step, "total_steps": sched.total_steps, "kimg": step * sched.batch / 1000,
+                          **record})
+        # Completed: a last checkpoint, then final.pt and the status that says so.
+        loop.last_ckpt = ckpts.save(loop.step)
+        ckpts.save_final()
         if rank == 0:
-            save_checkpoint(run_dir / "final.pt", {"ema": ema.state_dict(), "net": net.state_dict(),
-                                                   "config": C.to_dict(cfg), "upstream": upstream, "step": step})
-            write_status(run_dir, "completed", step=step, kimg=step * batch / 1000)
-            track_grid(step)
+            write_status(run_dir, "completed", step=loop.step, kimg=loop.step * sched.batch / 1000)
+            _track_grid(tracker, parts.ema, cfg, loop.step)
     finally:
         _SAVE_NOW = None
         tracker.close()
@@ -671,7 +773,7 @@ def _truncate_stats(path: Path, step: int) -> None:
 
 def _identity(state: dict) -> dict:
     """What a run is: its config hash and what it was built from (sCD: the teacher's final.pt sha256)."""
-    return {"config_hash": C.config_hash(C.from_dict(state["config"])), "upstream": state.get("upstream") or {}}
+    return {"config_hash": config_hash(from_dict(state["config"])), "upstream": state.get("upstream") or {}}
 
 
 def _saved_identity(run_dir: Path) -> tuple[dict | None, str]:
@@ -699,13 +801,13 @@ def _describe_upstream(upstream: dict) -> str:
     return f"teacher final.pt sha256 {sha[:16]}" if sha else "no recorded teacher"
 
 
-def run_dir_state(cfg: C.Config, run_dir: str | Path, upstream: dict) -> tuple[dict, str | None]:
+def run_dir_state(cfg: Config, run_dir: str | Path, upstream: dict) -> tuple[dict, str | None]:
     """(status, mismatch) of run_dir for cfg, read only: mismatch describes another run identity
     (config hash or teacher, see _identity) held there, None when it is this run or a fresh directory.
     'completed' means status.json says so and final.pt exists (prepare_run_dir verifies its checksum)."""
     run_dir = Path(run_dir)
     saved, where = _saved_identity(run_dir)
-    now = {"config_hash": C.config_hash(cfg), "upstream": upstream}
+    now = {"config_hash": config_hash(cfg), "upstream": upstream}
     mismatch = None
     if saved is not None and saved != now:
         if saved["config_hash"] != now["config_hash"]:
@@ -719,12 +821,12 @@ def run_dir_state(cfg: C.Config, run_dir: str | Path, upstream: dict) -> tuple[d
     return status, mismatch
 
 
-def mismatch_error(run_dir: str | Path, mismatch: str) -> C.ConfigError:
-    return C.ConfigError(f"{run_dir} holds a run of {mismatch}; use a new run directory, or restart it "
+def mismatch_error(run_dir: str | Path, mismatch: str) -> ConfigError:
+    return ConfigError(f"{run_dir} holds a run of {mismatch}; use a new run directory, or restart it "
                          "(--on-config-change restart)")
 
 
-def prepare_run_dir(cfg: C.Config, run_dir: str | Path, on_config_change: str = "error",
+def prepare_run_dir(cfg: Config, run_dir: str | Path, on_config_change: str = "error",
                     upstream: dict | None = None) -> dict:
     """Make run_dir ready for cfg (the one place that changes it before training); returns its status
     ('completed' only with a good final.pt).
