@@ -181,10 +181,15 @@ def continuous_g(x_t, t, dxdt, tan: Tangent, sigma_d: float, r: float) -> torch.
 
 
 class ConsistencyLoss:
-    """sCT when teacher is None (dx_t/dt = cos t z - sin t x0); sCD otherwise (teacher's PF-ODE)."""
+    """sCT when teacher is None (dx_t/dt = cos t z - sin t x0); sCD otherwise (teacher's PF-ODE).
 
-    def __init__(self, cfg: LossConfig, sigma_d: float, teacher=None):
+    on_tangent (optional): called with every continuous-time step's Tangent, before it enters g; an
+    observer only (e.g. counting non-finite cs_dF under fp16), the loss does not depend on it.
+    """
+
+    def __init__(self, cfg: LossConfig, sigma_d: float, teacher=None, on_tangent=None):
         self.cfg, self.sigma_d, self.teacher = cfg, sigma_d, teacher
+        self.on_tangent = on_tangent
 
     # Guidance scale per sample, s ~ U[guidance_min, guidance_max] (CFG distillation, sCM App. G).
     def _guidance(self, x0):
@@ -218,6 +223,8 @@ class ConsistencyLoss:
         if cfg.time == "continuous":
             tan = jvp_tangent(net, x_t, t, dxdt, sigma_d, labels, guidance, cfg.jvp_rearrangement, cfg.jvp_impl,
                               cfg.jvp_fd_step)
+            if self.on_tangent is not None:
+                self.on_tangent(tan)
             g = continuous_g(x_t, t, dxdt, tan, sigma_d, r)
         else:
             tan, g = self._discrete(net, x0, z, x_t, t, dxdt, labels, guidance)

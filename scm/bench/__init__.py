@@ -8,6 +8,8 @@
 - orchestration: `dag_benchmark` (Snakemake's DAG construction), `slurm_latency_benchmark`.
 - overhead: a finished pipeline's wall time split into the work its runs report and the rest.
 - output: `write_csv` and the `plot_*` functions write the files; everything else returns rows.
+- gpu: the GPU checks run by bench/gpu_checks.py in one device call (fused attention kernel accuracy,
+  timings and memory; fp16 safety of sCD steps; the network's JVP); imported on its own (scm.bench.gpu).
 
 `scm bench ...` (scm.cli) prints and writes them; docs/benchmarks.md records the numbers.
 """

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from scm import config as C
 from scm.bench.common import _stats, _sync
+from scm.config import resolve
 from scm.networks import build_network
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def sampling_benchmark(size: str = "tS", nfes: list[int] = (1, 2, 4, 8, 16), bat
     from scm.samplers import consistency_sample, teacher_sample
 
     dev = torch.device(device)
-    cfg = C.resolve(dataset, size, "teacher")
+    cfg = resolve(dataset, size, "teacher")
     torch.manual_seed(0)
     net = build_network(cfg.network, cfg.data, cfg.sigma_d).to(dev).eval()
     res, ch, sd = cfg.data.resolution, cfg.data.channels, cfg.sigma_d

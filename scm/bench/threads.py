@@ -38,12 +38,12 @@ def _child(spec_json: str) -> None:
     """Subprocess entry: build the steps with K threads, warm up, then time `mixes` mixes; prints seconds."""
     import torch
 
-    from scm import config as C
     from scm.bench.training import _step_fn
+    from scm.config import resolve
 
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
-    steps = [_step_fn(C.resolve(spec["dataset"], spec["size"], m, {"run.batch_size": spec["batch"]}),
+    steps = [_step_fn(resolve(spec["dataset"], spec["size"], m, {"run.batch_size": spec["batch"]}),
                       torch.device("cpu"))[0] for m in spec["methods"]]
     for step in steps:  # warm-up: first-call allocations and Adam's state
         step()

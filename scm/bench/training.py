@@ -10,15 +10,15 @@ import sys
 
 import torch
 
-from scm import config as C
 from scm.bench.common import Timing, _stats, _timed
+from scm.config import Config, resolve
 from scm.losses import build_loss
 from scm.networks import build_network
 
 log = logging.getLogger(__name__)
 
 
-def _step_fn(cfg: C.Config, device: torch.device):
+def _step_fn(cfg: Config, device: torch.device):
     """A closure running one training step of cfg.run.method on random data, as scm.train does it:
     loss, backward, gradient norm, the run's optimizer, EMA update."""
     from scm.ema import EMA
@@ -65,7 +65,7 @@ def step_benchmark(sizes: list[str], batch: int = 64, repeats: int = 7, warmup: 
         for size in sizes:
             fns = {}
             for method in methods:
-                cfg = C.resolve(dataset, size, method, {"run.batch_size": b, **(overrides or {})})
+                cfg = resolve(dataset, size, method, {"run.batch_size": b, **(overrides or {})})
                 fns[method] = _step_fn(cfg, dev)
             times = {m: [] for m in methods}
             for rep in range(warmup + repeats):
@@ -98,7 +98,7 @@ def _child_step_peak(spec_json: str) -> None:
     prints VmHWM - VmRSS-before in KiB. (ru_maxrss cannot be reset: import-time peaks hid the step's.)"""
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
-    cfg = C.resolve(spec["dataset"], spec["size"], spec["method"],
+    cfg = resolve(spec["dataset"], spec["size"], spec["method"],
                     {"run.batch_size": spec["batch"], **spec["overrides"]})
     step, _ = _step_fn(cfg, torch.device("cpu"))
     with open("/proc/self/clear_refs", "w") as f:
@@ -121,7 +121,7 @@ def step_peak_memory(dataset: str, size: str, method: str, batch: int, device: s
     """
     dev = torch.device(device)
     if dev.type == "cuda":
-        cfg = C.resolve(dataset, size, method, {"run.batch_size": batch, **(overrides or {})})
+        cfg = resolve(dataset, size, method, {"run.batch_size": batch, **(overrides or {})})
         step, _ = _step_fn(cfg, dev)
         torch.cuda.synchronize(dev)
         base = torch.cuda.memory_allocated(dev)
@@ -183,7 +183,7 @@ def jvp_benchmark(sizes: list[str], batch: int = 64, repeats: int = 7, warmup: i
     dev = torch.device(device)
     rows = []
     for size in sizes:
-        cfg = C.resolve(dataset, size, "scd", {"run.batch_size": batch, **(overrides or {})})
+        cfg = resolve(dataset, size, "scd", {"run.batch_size": batch, **(overrides or {})})
         torch.manual_seed(0)
         net = build_network(cfg.network, cfg.data, cfg.sigma_d).to(dev).eval()
         with torch.no_grad():

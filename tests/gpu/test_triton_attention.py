@@ -27,9 +27,16 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # when run as a script
     sys.path.insert(0, str(ROOT))
 
-from scm import config as C  # noqa: E402
-from scm import triton_attention as TA  # noqa: E402
 from scm.attention import attention, attention_jvp, attention_math, attention_math_jvp  # noqa: E402
+from scm.config import resolve  # noqa: E402
+from scm.triton_attention import (  # noqa: E402
+    _tangent_torch,
+    candidate_configs,
+    compile_offline,
+    flash_attention,
+    flash_attention_jvp,
+    interpreter_mode,
+)
 
 
 def _rel(a, b):
@@ -65,36 +72,36 @@ def test_importing_scm_does_not_import_triton():
 
 
 def test_config_accepts_triton():
-    cfg = C.resolve("shapes", "tS", "scd", {"network.attention": "triton"})
+    cfg = resolve("shapes", "tS", "scd", {"network.attention": "triton"})
     assert cfg.network.attention == "triton"
 
 
 def test_validation_errors():
     q, k, v, tq, tk, tv = _inputs()
     with pytest.raises(ValueError, match="B, H, N, D"):
-        TA.flash_attention(q[0], k, v)
+        flash_attention(q[0], k, v)
     with pytest.raises(ValueError, match="same shape"):
-        TA.flash_attention(q, k, v[..., :10, :])
+        flash_attention(q, k, v[..., :10, :])
     with pytest.raises(ValueError, match="agree"):
-        TA.flash_attention(q[..., :16], k, v)
+        flash_attention(q[..., :16], k, v)
     with pytest.raises(ValueError, match="tangent"):
-        TA.flash_attention_jvp(q, k, v, tq[..., :5, :], tk, tv)
+        flash_attention_jvp(q, k, v, tq[..., :5, :], tk, tv)
     with pytest.raises(ValueError, match="one dtype"):
-        TA.flash_attention_jvp(q, k, v, tq.double(), tk, tv)
+        flash_attention_jvp(q, k, v, tq.double(), tk, tv)
     with pytest.raises(ValueError, match="not supported"):
-        TA.flash_attention(q.double(), k.double(), v.double())
+        flash_attention(q.double(), k.double(), v.double())
     big = torch.zeros(1, 1, 4, 300)
     with pytest.raises(ValueError, match="head dim"):
-        TA.flash_attention(big, big, big)
+        flash_attention(big, big, big)
     empty = torch.zeros(1, 2, 0, 32)
     with pytest.raises(ValueError, match="no keys"):
-        TA.flash_attention(q, empty, empty)
+        flash_attention(q, empty, empty)
 
 
 def test_cpu_tensors_need_cuda_or_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CUDA"):
-        TA.flash_attention_jvp(*_inputs())
+        flash_attention_jvp(*_inputs())
     with pytest.raises(RuntimeError, match="CUDA"):
         attention(*_inputs()[:3], impl="triton")
     with pytest.raises(RuntimeError, match="CUDA"):
@@ -105,7 +112,7 @@ def test_candidate_configs_are_valid():
     for D in (16, 32, 48, 64, 128, 256):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for has_t in (True, False):
-                cfgs = TA.candidate_configs(D, dtype, has_t)
+                cfgs = candidate_configs(D, dtype, has_t)
                 assert cfgs and len(set(cfgs)) == len(cfgs)
                 for c in cfgs:  # tl.dot needs every tile side >= 16, powers of two
                     for n in (c.block_m, c.block_n):
@@ -117,7 +124,7 @@ def test_torch_fallback_tangent_matches_math(M, N):
     # The jvp rule used under torch.func transforms (functorch wrappers cannot go to a Triton launch).
     xs = _inputs(B=2, H=3, M=M, N=N, D=8, dtype=torch.float64)
     _, ref = attention_math_jvp(*xs)
-    got = TA._tangent_torch(*xs, chunk=16)
+    got = _tangent_torch(*xs, chunk=16)
     assert got.dtype == torch.float64
     assert _rel(got, ref) < 1e-6  # the fallback computes in float32
 
@@ -128,7 +135,7 @@ def test_kernel_compiles_offline_for_sm90(dtype):
     # compiling for sm_90 with the ptxas Triton ships needs no GPU and can.
     pytest.importorskip("triton")
     try:
-        info = TA.compile_offline(64, dtype, has_tangent=True)
+        info = compile_offline(64, dtype, has_tangent=True)
     except Exception as exc:  # noqa: BLE001
         if "CompilationError" in type(exc).__name__:
             raise
@@ -156,7 +163,7 @@ def _interpreter_checks() -> dict:
         res[name] = {"ok": bool(ok), **info}
 
     def jvp_case(name, xs, limit):
-        out, t_out = TA.flash_attention_jvp(*xs)
+        out, t_out = flash_attention_jvp(*xs)
         ro, rt = attention_math_jvp(*[x.double() for x in xs])
         e_o, e_t = _rel(out, ro), _rel(t_out, rt)
         record(name, e_o < limit and e_t < limit and out.dtype == xs[0].dtype, rel_out=e_o, rel_t_out=e_t)
@@ -174,18 +181,18 @@ def _interpreter_checks() -> dict:
     go = torch.randn_like(q)
     q, k, v = (x.requires_grad_(True) for x in (q, k, v))
     ref = torch.autograd.grad(attention_math(q, k, v), (q, k, v), go)
-    out, t_out = TA.flash_attention_jvp(q, k, v, tq, tk, tv)
+    out, t_out = flash_attention_jvp(q, k, v, tq, tk, tv)
     grads = torch.autograd.grad(out, (q, k, v), go)
     errs = [_rel(a, b) for a, b in zip(grads, ref)]
     record("grad_precomputed", max(errs) < 1e-5 and out.grad_fn is not None and not t_out.requires_grad,
            errs=errs)
-    grads = torch.autograd.grad(TA.flash_attention(q, k, v), (q, k, v), go)
+    grads = torch.autograd.grad(flash_attention(q, k, v), (q, k, v), go)
     errs = [_rel(a, b) for a, b in zip(grads, ref)]
     record("grad_forward", max(errs) < 1e-5, errs=errs)
 
     # torch.func.jvp through flash_attention (forward by the kernel, tangent by the torch fallback).
     qd, kd, vd = (x.detach() for x in (q, k, v))
-    o, t = torch.func.jvp(TA.flash_attention, (qd, kd, vd), (tq, tk, tv))
+    o, t = torch.func.jvp(flash_attention, (qd, kd, vd), (tq, tk, tv))
     ro, rt = attention_math_jvp(qd, kd, vd, tq, tk, tv)
     record("func_jvp", _rel(o, ro) < 1e-5 and _rel(t, rt) < 1e-5, rel_out=_rel(o, ro), rel_t_out=_rel(t, rt))
 
@@ -199,7 +206,7 @@ def _interpreter_checks() -> dict:
     # A tiny U-Net: forward_with_tangent with triton attention equals math attention.
     from scm.networks import build_network
 
-    cfg = C.resolve("shapes", "tS", "scd")
+    cfg = resolve("shapes", "tS", "scd")
     torch.manual_seed(0)
     net = build_network(cfg.network, cfg.data, cfg.sigma_d).eval()
     with torch.no_grad():
@@ -218,7 +225,7 @@ def _interpreter_checks() -> dict:
 
     # No query rows: empty outputs, no launch.
     xs = _inputs(B=1, H=1, M=0, N=10, D=16)
-    o, t = TA.flash_attention_jvp(*xs)
+    o, t = flash_attention_jvp(*xs)
     record("zero_queries", o.shape == (1, 1, 0, 16) and t.shape == (1, 1, 0, 16))
     return res
 
@@ -273,13 +280,13 @@ GPU_LIMITS = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 @pytest.mark.parametrize("N,D", [(256, 64), (1000, 64), (333, 32), (512, 128), (200, 48)])
 def test_gpu_matches_math(dtype, N, D):
     xs = _inputs(B=2, H=3, M=N, D=D, dtype=dtype, device="cuda", seed=N + D)
-    out, t_out = TA.flash_attention_jvp(*xs)
+    out, t_out = flash_attention_jvp(*xs)
     ro, rt = attention_math_jvp(*[x.double() for x in xs])
     assert out.dtype == dtype and t_out.dtype == dtype
     assert torch.isfinite(out).all() and torch.isfinite(t_out).all()
     assert _rel(out, ro) < GPU_LIMITS[dtype]
     assert _rel(t_out, rt) < GPU_LIMITS[dtype]
-    fwd = TA.flash_attention(*xs[:3])
+    fwd = flash_attention(*xs[:3])
     assert _rel(fwd, ro) < GPU_LIMITS[dtype]
 
 
@@ -287,11 +294,11 @@ def test_gpu_matches_math(dtype, N, D):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_network_layout_and_cross_lengths(dtype):
     xs = _network_layout(2, 4, 300, 64, dtype=dtype, device="cuda", seed=1)
-    out, t_out = TA.flash_attention_jvp(*xs)
+    out, t_out = flash_attention_jvp(*xs)
     ro, rt = attention_math_jvp(*[x.double() for x in xs])
     assert _rel(out, ro) < GPU_LIMITS[dtype] and _rel(t_out, rt) < GPU_LIMITS[dtype]
     xs = _inputs(B=2, H=2, M=77, N=301, D=64, dtype=dtype, device="cuda", seed=2)
-    out, t_out = TA.flash_attention_jvp(*xs)
+    out, t_out = flash_attention_jvp(*xs)
     ro, rt = attention_math_jvp(*[x.double() for x in xs])
     assert _rel(out, ro) < GPU_LIMITS[dtype] and _rel(t_out, rt) < GPU_LIMITS[dtype]
 
@@ -302,7 +309,7 @@ def test_gpu_gradients(dtype):
     q, k, v, tq, tk, tv = _inputs(B=2, H=2, M=300, D=64, dtype=dtype, device="cuda", seed=3)
     go = torch.randn_like(q)
     q, k, v = (x.requires_grad_(True) for x in (q, k, v))
-    out, _ = TA.flash_attention_jvp(q, k, v, tq, tk, tv)
+    out, _ = flash_attention_jvp(q, k, v, tq, tk, tv)
     grads = torch.autograd.grad(out, (q, k, v), go)
     q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
     ref = torch.autograd.grad(attention_math(q64, k64, v64), (q64, k64, v64), go.double())
@@ -318,7 +325,7 @@ def test_gpu_autocast_and_func_jvp():
     assert out.dtype == torch.bfloat16 and t_out.dtype == torch.bfloat16
     ro, rt = attention_math_jvp(q.double(), k.double(), v.double(), tq.double(), tk.double(), tv.double())
     assert _rel(out, ro) < 1e-2 and _rel(t_out, rt) < 1e-2
-    o, t = torch.func.jvp(TA.flash_attention, (q, k, v), (tq, tk, tv))
+    o, t = torch.func.jvp(flash_attention, (q, k, v), (tq, tk, tv))
     assert _rel(o, ro) < 1e-3 and _rel(t, rt) < 1e-3
 
 
@@ -326,7 +333,7 @@ def test_gpu_autocast_and_func_jvp():
 def test_gpu_network_triton_matches_math():
     from scm.networks import build_network
 
-    cfg = C.resolve("shapes", "tS", "scd")
+    cfg = resolve("shapes", "tS", "scd")
     torch.manual_seed(0)
     with torch.device("cuda"):
         net = build_network(cfg.network, cfg.data, cfg.sigma_d)
@@ -346,7 +353,7 @@ def test_gpu_network_triton_matches_math():
 
 
 if __name__ == "__main__":
-    reason = _interpreter_available() if TA.interpreter_mode() else "TRITON_INTERPRET is not 1"
+    reason = _interpreter_available() if interpreter_mode() else "TRITON_INTERPRET is not 1"
     if reason:
         print(reason)
         sys.exit(77)
