@@ -24,14 +24,14 @@ import time
 
 import torch
 
-from scm import config as C
 from scm import networks as networks_after
+from scm.config import Config, resolve
 from scm.ema import EMA
 from scm.losses import build_loss
 from scm.train import _optimizer, grad_norm_and_clip
 
 
-def make_step(cfg: C.Config, networks, previous: bool):
+def make_step(cfg: Config, networks, previous: bool):
     torch.manual_seed(0)
     net = networks.build_network(cfg.network, cfg.data, cfg.sigma_d).train()
     teacher = None
@@ -88,7 +88,7 @@ def main() -> None:
     for size in args.sizes:
         steps = {}
         for m in args.methods:
-            cfg = C.resolve("shapes", size, m, {"run.batch_size": args.batch})
+            cfg = resolve("shapes", size, m, {"run.batch_size": args.batch})
             steps[m] = (make_step(cfg, networks_before, True), make_step(cfg, networks_after, False))
         times = {m: ([], []) for m in args.methods}
         for rep in range(2 + args.repeats):  # 2 warm-up steps

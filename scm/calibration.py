@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scm import config as C
-from scm import metrics as M
+from scm import metrics
+from scm.config import REF_STATS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -145,22 +145,22 @@ def _cases(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, seed: int):
 
 def calibrate(extractor_weights=None, shapes_version: int = 1, num: int = 512, ref_images: int = 2048,
               seed_sets: int = 3, runs: list[tuple[str, str, int]] | None = None, resolution: int = 16,
-              cache_dir=C.REF_STATS_DIR, device: str = "cpu") -> list[dict]:
+              cache_dir=REF_STATS_DIR, device: str = "cpu") -> list[dict]:
     """Rows {case, fid, fid_mean/sd/min/max, fjd_mean, class_accuracy_mean, ...} over `seed_sets` sets of
     `num` images (real set j: seed 2001 + j; disjoint from the reference (seed 0) and the extractor's
     images). `runs`: (label, run_dir, steps) whose EMA samples (seeds j num ...) become rows too."""
     from scm.shapes import generate_shapes
 
     images, labels = (torch.from_numpy(a) for a in generate_shapes(ref_images, resolution, 0, shapes_version))
-    ref = M.make_reference("shapes", images, None, extractor_weights, cache_dir, labels=labels,
-                           shapes_version=shapes_version)
-    M.reference_stats(ref, device)
+    ref = metrics.make_reference("shapes", images, None, extractor_weights, cache_dir, labels=labels,
+                                 shapes_version=shapes_version)
+    metrics.reference_stats(ref, device)
     per_case: dict[str, list[dict]] = {}
     for j in range(seed_sets):
         x, y, q = generate_shapes(num, resolution, 2001 + j, shapes_version, return_factors=True)
         mask = shape_mask(q, y, resolution, shapes_version)
         for name, xs, ys in _cases(torch.from_numpy(x), torch.from_numpy(y), mask, seed=j):
-            m = M.compute_metrics(xs, ref, kid=False, prc=False, device=device, labels=ys)
+            m = metrics.compute_metrics(xs, ref, kid=False, prc=False, device=device, labels=ys)
             per_case.setdefault(name, []).append(m)
         for label, run_dir, steps in runs or []:
             per_case.setdefault(f"{label} ({steps} steps)", []).append(
@@ -171,7 +171,7 @@ def calibrate(extractor_weights=None, shapes_version: int = 1, num: int = 512, r
         for key in ("fid", "fjd", "class_accuracy"):
             vals = [m[key] for m in ms]
             row[key] = vals
-            row.update({f"{key}_{k}": v for k, v in M.summarize(vals).items()})
+            row.update({f"{key}_{k}": v for k, v in metrics.summarize(vals).items()})
         rows.append(row)
     floor = rows[0]["fid_mean"]
     for row in rows:
@@ -180,14 +180,14 @@ def calibrate(extractor_weights=None, shapes_version: int = 1, num: int = 512, r
     return rows
 
 
-def _run_metrics(run_dir, steps: int, seeds: list[int], ref: M.Reference, device: str) -> dict:
-    from scm import evaluate as E
+def _run_metrics(run_dir, steps: int, seeds: list[int], ref: metrics.Reference, device: str) -> dict:
+    from scm import evaluate
     from scm.train import load_final
 
     net, cfg = load_final(Path(run_dir), "ema", device)
-    gen, _ = E.generate(net, cfg, seeds, steps, device=device)
-    labels = E.seed_labels(cfg, seeds)
-    return M.compute_metrics(gen, ref, kid=False, prc=False, device=device, labels=labels)
+    gen, _ = evaluate.generate(net, cfg, seeds, steps, device=device)
+    labels = evaluate.seed_labels(cfg, seeds)
+    return metrics.compute_metrics(gen, ref, kid=False, prc=False, device=device, labels=labels)
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -20,9 +20,9 @@ log = logging.getLogger("scm")
 
 
 def cmd_info_sizes(args) -> int:
-    from scm import config as C
+    from scm.config import check_dataset
 
-    C.check_dataset(args.dataset, "--dataset")
+    check_dataset(args.dataset, "--dataset")
     from scm.networks import size_table
 
     rows = size_table(args.dataset)
@@ -33,23 +33,23 @@ def cmd_info_sizes(args) -> int:
 
 
 def cmd_config_write(args) -> int:
-    from scm import config as C
+    from scm.config import config_hash, from_dict, to_dict
     from scm.study import write_yaml
 
     # The pipeline's run.yaml: a resolved config (checked here, once) written atomically as YAML.
-    cfg = C.from_dict(json.loads(args.json))
-    write_yaml(C.to_dict(cfg), args.out)
-    print(f"wrote {args.out} (config hash {C.config_hash(cfg)})")
+    cfg = from_dict(json.loads(args.json))
+    write_yaml(to_dict(cfg), args.out)
+    print(f"wrote {args.out} (config hash {config_hash(cfg)})")
     return 0
 
 
 def cmd_config_fields(args) -> int:
-    from scm import config as C
+    from scm.config import field_docs
 
     # One line per config field: the key an override, ablation file or sweep names, its default and help.
     print("| key | type | default | choices / range | help |")
     print("|---|---|---|---|---|")
-    for r in C.field_docs():
+    for r in field_docs():
         limits = ", ".join(map(str, r["choices"])) if r.get("choices") else ""
         if r.get("min") is not None or r.get("max") is not None:
             limits = f"[{r.get('min', '')}, {r.get('max', '')}]".replace("None", "")
@@ -64,28 +64,28 @@ def cmd_config_fields(args) -> int:
 def load_config(config_file: str, override_files: list[str], sets: list[str]):
     """The resolved config: a YAML study/run file, then override files (ablations, best.yaml), then --set.
     An error names where its key was given: the config file, an override file, or --set."""
-    from scm import config as C
+    from scm.config import ConfigError, canonical_key, flatten, load_yaml, parse_set, resolve_from_dict
 
-    base = C.flatten(C.load_yaml(config_file, "--config"))
-    source = {C.canonical_key(k): f"in {config_file}" for k in base}  # the last layer that gave each key
+    base = flatten(load_yaml(config_file, "--config"))
+    source = {canonical_key(k): f"in {config_file}" for k in base}  # the last layer that gave each key
     overrides: dict = {}
     for f in override_files:
-        flat = C.flatten(C.load_yaml(f, "--overrides"))
+        flat = flatten(load_yaml(f, "--overrides"))
         overrides.update(flat)
-        source.update({C.canonical_key(k): f"in {f}" for k in flat})
+        source.update({canonical_key(k): f"in {f}" for k in flat})
     try:
-        flat = C.parse_set(sets)
-    except C.ConfigError as e:
-        raise C.ConfigError(f"--set: {e}") from None
+        flat = parse_set(sets)
+    except ConfigError as e:
+        raise ConfigError(f"--set: {e}") from None
     overrides.update(flat)
-    source.update({C.canonical_key(k): "from --set" for k in flat})
+    source.update({canonical_key(k): "from --set" for k in flat})
     try:
-        return C.resolve_from_dict(base, overrides)
-    except C.ConfigError as e:
+        return resolve_from_dict(base, overrides)
+    except ConfigError as e:
         # a key of a preset (or a cross-field check) has no single source: name every layer given
-        where = source.get(C.canonical_key(e.key or "")) or "in " + ", ".join(
+        where = source.get(canonical_key(e.key or "")) or "in " + ", ".join(
             [str(config_file), *map(str, override_files), *(["--set"] if sets else [])])
-        raise C.ConfigError(f"{e} ({where})", key=e.key) from None
+        raise ConfigError(f"{e} ({where})", key=e.key) from None
 
 
 class _Bar:
@@ -124,9 +124,9 @@ def _watch(job, run_dir: Path, bar: _Bar, poll_s: float) -> None:
 
 
 def cmd_train(args) -> int:
-    from scm import config as C
     from scm import launch
     from scm.checkpoint import read_status
+    from scm.config import config_hash, to_dict
     from scm.train import FinalCorruptError, TeacherNotReadyError, TrainingInterrupted, check_teacher, train
 
     cfg = load_config(args.config, args.overrides, args.set)
@@ -134,8 +134,8 @@ def cmd_train(args) -> int:
     run_dir = Path(args.run_dir)
     if args.dry_run:
         print("# resolved config")
-        print(json.dumps(C.to_dict(cfg), indent=2))
-        print(f"# config hash {C.config_hash(cfg)}")
+        print(json.dumps(to_dict(cfg), indent=2))
+        print(f"# config hash {config_hash(cfg)}")
         if args.launcher == "slurm":
             print("# sbatch script")
             print(launch.sbatch_script(profile, run_dir.resolve() / "jobs" / "DRY-RUN",
@@ -182,9 +182,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from scm import config as C
+    from scm.config import check_dataset
 
-    C.check_dataset(args.dataset, "--dataset")
+    check_dataset(args.dataset, "--dataset")
     for f in args.metrics:
         if not Path(f).is_file():
             raise UsageError(f"--metrics: {f} not found (run scm evaluate first)")
@@ -478,7 +478,7 @@ def _eval_profile(args):
 
 def cmd_sample(args) -> int:
     from scm import eval_shards as ES
-    from scm import evaluate as E
+    from scm import evaluate
     from scm.launch import LaunchError
 
     _set_threads(args.threads)
@@ -490,14 +490,14 @@ def cmd_sample(args) -> int:
         _check_out_dir("--out", args.out)
         if not args.seeds and not args.num:
             raise ValueError("give --num N (seeds 0..N-1) or --seeds A-B")
-        seeds = E.parse_seeds(args.seeds) if args.seeds else list(range(args.num))
+        seeds = evaluate.parse_seeds(args.seeds) if args.seeds else list(range(args.num))
         seeds = seeds[:args.num] if args.num else seeds
         _at_least("--shards", args.shards, 1)
         profile = _eval_profile(args)
         kwargs = dict(run_dir=args.run_dir, steps=args.steps, seeds=seeds, out_dir=args.out, batch=args.batch,
                       solver=args.solver, guidance=args.guidance, device=args.device, vae_path=args.vae)
         if args.shards == 1 and args.launcher == "debug":  # one process: `--shard I/N` as before
-            info = E.sample_run(**kwargs, shard=E.parse_shard(args.shard))
+            info = evaluate.sample_run(**kwargs, shard=evaluate.parse_shard(args.shard))
         else:
             info = ES.sample_sharded(kwargs, args.shards, args.launcher, profile)
     except (FileNotFoundError, ValueError, ImportError) as e:
@@ -511,7 +511,7 @@ def cmd_sample(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from scm import eval_shards as ES
-    from scm import evaluate as E
+    from scm import evaluate
     from scm.launch import LaunchError
 
     _set_threads(args.threads)
@@ -530,7 +530,7 @@ def cmd_evaluate(args) -> int:
             raise UsageError(f"--shards: {args.shards} shards for --num {args.num} samples; use at most --num")
         profile = _eval_profile(args)
         if args.shards == 1 and args.launcher == "debug":  # one process, no shard files: as before
-            entries = E.evaluate_run(
+            entries = evaluate.evaluate_run(
                 args.run_dir, args.steps, num=args.num, seed_sets=args.seed_sets, first_seed=args.first_seed,
                 batch=args.batch, solver=args.solver, guidance=args.guidance, extractor=args.extractor,
                 extractor_weights=args.extractor_weights, cache_dir=args.cache_dir, ref_stats=args.ref_stats,
@@ -552,7 +552,7 @@ def cmd_evaluate(args) -> int:
         print(f"scm: error: {' '.join(str(e).splitlines()[:1])}", file=sys.stderr)
         print("\n".join(str(e).splitlines()[1:]), file=sys.stderr)
         return 1
-    out = E.write_metrics(entries, args.out)
+    out = evaluate.write_metrics(entries, args.out)
     fmt = lambda v: "-" if v is None else f"{v:.4g}"
     print(f"{'run':<20} {'steps':>5} {'NFE':>4} {'FID min':>9} {'FID mean':>9} {'sd':>7} {'class acc':>9} "
           f"{'sd':>6} {'FJD mean':>9} {'KID':>9} {'prec':>5} {'rec':>5}")
@@ -609,7 +609,7 @@ def cmd_data_build_extractor(args) -> int:
 
 def cmd_data_calibrate(args) -> int:
     from scm import calibration as CAL
-    from scm import evaluate as E
+    from scm import evaluate
 
     _set_threads(args.threads)
     try:
@@ -625,7 +625,7 @@ def cmd_data_calibrate(args) -> int:
             runs.append((label, run_dir, int(steps)))
         rows = CAL.calibrate(args.extractor_weights, args.shapes_version, args.num, args.ref_images,
                              args.seed_sets, runs, cache_dir=args.cache_dir,
-                             device=str(E.resolve_device(args.device)))
+                             device=str(evaluate.resolve_device(args.device)))
     except (FileNotFoundError, ValueError, ImportError) as e:
         return _user_error(e)
     table = CAL.markdown_table(rows)
@@ -637,26 +637,25 @@ def cmd_data_calibrate(args) -> int:
 
 
 def cmd_data_ref_stats(args) -> int:
-    from scm import config as C
-    from scm import evaluate as E
-    from scm import metrics as M
+    from scm import evaluate, metrics
+    from scm.config import DataConfig, from_dict
 
     try:
         if args.run_dir:
-            data_cfg = C.from_dict(json.loads((Path(args.run_dir) / "config.json").read_text())).data
+            data_cfg = from_dict(json.loads((Path(args.run_dir) / "config.json").read_text())).data
         elif args.dataset:
-            data_cfg = C.DataConfig(name=args.dataset, path=args.path, num_images=args.num_images,
-                                    resolution=args.resolution)
+            data_cfg = DataConfig(name=args.dataset, path=args.path, num_images=args.num_images,
+                                  resolution=args.resolution)
         else:
             raise ValueError("give --dataset NAME (with --path for files) or --run-dir DIR")
-        images = E.real_images(data_cfg)
-        ref = M.make_reference(data_cfg.name, images, args.extractor, args.extractor_weights, args.cache_dir,
-                               shapes_version=data_cfg.shapes_version if data_cfg.name == "shapes" else None)
-        mu, sigma, cached = M.reference_stats(ref, str(E.resolve_device(args.device)))
+        images = evaluate.real_images(data_cfg)
+        ref = metrics.make_reference(data_cfg.name, images, args.extractor, args.extractor_weights, args.cache_dir,
+                                     shapes_version=data_cfg.shapes_version if data_cfg.name == "shapes" else None)
+        mu, sigma, cached = metrics.reference_stats(ref, str(evaluate.resolve_device(args.device)))
     except (FileNotFoundError, ValueError, ImportError) as e:
         return _user_error(e)
-    meta = M.load_ref_stats(cached)[2]
-    M.save_ref_stats(args.out, mu, sigma, meta)
+    meta = metrics.load_ref_stats(cached)[2]
+    metrics.save_ref_stats(args.out, mu, sigma, meta)
     print(f"{ref.name}: {len(images)} images, {mu.shape[0]}-d features; wrote {args.out} (cache {cached})")
     return 0
 
@@ -666,8 +665,7 @@ def cmd_data_ref_stats(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from scm import launch
-    from scm import sweep as S
+    from scm import launch, sweep
     from scm.sweep_spec import load_spec
 
     spec = load_spec(args.sweep_file, n_trials=args.n_trials, storage=args.storage)
@@ -680,9 +678,9 @@ def cmd_sweep(args) -> int:
               f"{summary['storage']}")
 
     try:
-        summary = S.run_sweep(spec, out, workers=args.workers, launcher=args.launcher, profile=profile,
-                              figures=args.figures, restart=args.restart)
-    except (S.SweepError, FileNotFoundError, ImportError) as e:
+        summary = sweep.run_sweep(spec, out, workers=args.workers, launcher=args.launcher, profile=profile,
+                                  figures=args.figures, restart=args.restart)
+    except (sweep.SweepError, FileNotFoundError, ImportError) as e:
         if getattr(e, "summary", None):
             counts(e.summary)
         return _user_error(e)
@@ -712,12 +710,12 @@ class _Parser(argparse.ArgumentParser):
 def cmd_exact(args) -> int:
     import torch
 
-    from scm import config as C
     from scm import exact, exact_report, exact_study
+    from scm.config import load_yaml
     from scm.fileio import atomic_write_json
 
     torch.set_num_threads(args.threads)
-    spec = json.loads(args.spec) if args.spec.lstrip().startswith("{") else C.load_yaml(args.spec, "--spec")
+    spec = json.loads(args.spec) if args.spec.lstrip().startswith("{") else load_yaml(args.spec, "--spec")
     if args.what == "reference":
         ref, floors = exact.reference_from_spec(spec)
         exact.save_reference({**ref, "floors": floors}, args.out)

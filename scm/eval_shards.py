@@ -30,12 +30,20 @@ import numpy as np
 import submitit
 import torch
 
-from scm import config as C
-from scm import evaluate as E
-from scm import extractors
-from scm import metrics as M
+from scm import evaluate, extractors
 from scm.checkpoint import checkpoint_digest
+from scm.config import REF_STATS_DIR, from_dict
 from scm.fileio import atomic_write_bytes, file_fingerprint
+from scm.metrics import (
+    ImageTensorDataset,
+    Reference,
+    _fidelity_kwargs,
+    extract_features,
+    frechet_distance,
+    frechet_joint_distance,
+    ref_classes,
+    reference_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +70,7 @@ class EvalSpec:
     guidance: float | None = None
     extractor: str | None = None
     extractor_weights: str | None = None
-    cache_dir: str = C.REF_STATS_DIR
+    cache_dir: str = REF_STATS_DIR
     ref_stats: str | None = None
     dinov2: str | None = None
     kid: bool = True
@@ -94,52 +102,50 @@ def _open_run(spec):
     if spec.threads:
         torch.set_num_threads(spec.threads)
     run_dir = Path(spec.run_dir)
-    return time.time(), run_dir, E.resolve_device(spec.device), checkpoint_digest(run_dir / "final.pt"), \
+    return time.time(), run_dir, evaluate.resolve_device(spec.device), checkpoint_digest(run_dir / "final.pt"), \
         _run_config(run_dir)
 
 
 def _run_config(run_dir):
-    from scm import config as C
-
-    return C.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+    return from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
 
 
-def _feature_reference(spec: EvalSpec, cfg) -> M.Reference:
+def _feature_reference(spec: EvalSpec, cfg) -> Reference:
     """The FID extractor with its local weights (no real images: a task only extracts features)."""
     extractors.register_extractors()
     extractor = spec.extractor or extractors.default_extractor(cfg.data.name)
     version = cfg.data.shapes_version if cfg.data.name == "shapes" else 1
     weights = extractors.resolve_weights(extractor, spec.extractor_weights, version)
-    return M.Reference(cfg.data.name, extractor, weights, Path(spec.cache_dir))
+    return Reference(cfg.data.name, extractor, weights, Path(spec.cache_dir))
 
 
-def _dino_reference(spec: EvalSpec, cfg) -> M.Reference | None:
+def _dino_reference(spec: EvalSpec, cfg) -> Reference | None:
     if not spec.dinov2:
         return None
     extractors.register_extractors()
     dino = extractors.DINOV2_EXTRACTOR
-    return M.Reference(cfg.data.name, dino, extractors.resolve_weights(dino, spec.dinov2), Path(spec.cache_dir))
+    return Reference(cfg.data.name, dino, extractors.resolve_weights(dino, spec.dinov2), Path(spec.cache_dir))
 
 
-def metric_layer(ref: M.Reference, metric: str) -> str:
+def metric_layer(ref: Reference, metric: str) -> str:
     """The layer torch-fidelity reads for `metric` ('fid', 'kid', 'prc') with this extractor."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     return FEATURE_EXTRACTORS_REGISTRY[ref.extractor].get_default_feature_layer_for_metric(metric)
 
 
-def feature_layers(ref: M.Reference, kid: bool, prc: bool) -> list[str]:
+def feature_layers(ref: Reference, kid: bool, prc: bool) -> list[str]:
     """The layers a shard stores: FID's, and KID's and precision/recall's when those are computed."""
     metrics = ["fid"] + (["kid"] if kid else []) + (["prc"] if prc else [])
     return sorted({metric_layer(ref, m) for m in metrics})
 
 
-def shard_identity(final_digest: str, cfg, spec: EvalSpec, steps: int, seeds: list[int], ref: M.Reference,
-                   dino: M.Reference | None) -> dict:
+def shard_identity(final_digest: str, cfg, spec: EvalSpec, steps: int, seeds: list[int], ref: Reference,
+                   dino: Reference | None) -> dict:
     """What a shard file must match to be kept: the network, the sampler, the seeds and the extractors."""
-    sampler = E.sampler_spec(cfg, steps, spec.solver, spec.guidance)
+    sampler = evaluate.sampler_spec(cfg, steps, spec.solver, spec.guidance)
     return {"format": SHARD_FORMAT, "final_sha256": final_digest, "steps": steps, "sampler": sampler.name,
-            "guidance": sampler.guidance, "batch": spec.batch, "seeds": E.format_seeds(seeds),
+            "guidance": sampler.guidance, "batch": spec.batch, "seeds": evaluate.format_seeds(seeds),
             "vae": str(spec.vae_path) if cfg.data.channels == 4 else None,
             "extractor": ref.extractor, "extractor_fingerprint": file_fingerprint(ref.weights_path),
             "layers": feature_layers(ref, spec.kid, spec.prc),
@@ -176,14 +182,14 @@ def read_shard(path, identity: dict) -> dict | None:
 # A shard task: sample its seeds, extract features, write one file per (steps, seed set).
 
 
-def _featuresdict(images: torch.Tensor, ref: M.Reference, layers: list[str], device, batch_size: int = 256):
+def _featuresdict(images: torch.Tensor, ref: Reference, layers: list[str], device, batch_size: int = 256):
     """{layer: float32 features} by torch-fidelity's extraction loop (the numbers calculate_metrics sees)."""
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
     cuda = torch.device(device).type == "cuda"
     fe = create_feature_extractor(ref.extractor, list(layers), cuda=cuda, verbose=False,
                                   feature_extractor_weights_path=str(ref.weights_path))
-    return get_featuresdict_from_dataset(M.ImageTensorDataset(images), fe, batch_size, cuda, True, False)
+    return get_featuresdict_from_dataset(ImageTensorDataset(images), fe, batch_size, cuda, True, False)
 
 
 def _moments(features: torch.Tensor) -> dict:
@@ -194,7 +200,7 @@ def _moments(features: torch.Tensor) -> dict:
 
 def shard_done(spec: EvalSpec, shard: int, final_digest: str, cfg, ref, dino) -> bool:
     """Whether every file of this shard is present and current."""
-    sets = E.seed_set_list(spec.num, spec.seed_sets, spec.first_seed)
+    sets = evaluate.seed_set_list(spec.num, spec.seed_sets, spec.first_seed)
     return all(read_shard(shard_path(spec.shard_dir, s, j, shard, spec.shards),
                           shard_identity(final_digest, cfg, spec, s, seeds[shard::spec.shards], ref, dino)) is not None
                for s in spec.steps for j, seeds in enumerate(sets))
@@ -211,7 +217,7 @@ def run_shard(spec: EvalSpec, shard: int) -> dict:
     net = vae = None
     computed, kept = [], []
     for s in spec.steps:
-        for j, seeds in enumerate(E.seed_set_list(spec.num, spec.seed_sets, spec.first_seed)):
+        for j, seeds in enumerate(evaluate.seed_set_list(spec.num, spec.seed_sets, spec.first_seed)):
             mine = seeds[shard::spec.shards]
             path = shard_path(spec.shard_dir, s, j, shard, spec.shards)
             identity = shard_identity(final_digest, cfg, spec, s, mine, ref, dino)
@@ -221,25 +227,25 @@ def run_shard(spec: EvalSpec, shard: int) -> dict:
                 continue
             if net is None:  # load the network (and decoder) only when there is work
                 net, _ = load_final(run_dir, "ema", device)
-                vae = E.load_vae(spec.vae_path, device) if cfg.data.channels == 4 else None
+                vae = evaluate.load_vae(spec.vae_path, device) if cfg.data.channels == 4 else None
             t1 = time.time()
-            images, nfe = E.generate(net, cfg, mine, s, spec.batch, spec.solver, spec.guidance, device, vae)
+            images, nfe = evaluate.generate(net, cfg, mine, s, spec.batch, spec.solver, spec.guidance, device, vae)
             t2 = time.time()
             feats = _featuresdict(images, ref, layers, device)
             arrays = {f"feat_{k}": v.float().cpu().numpy() for k, v in feats.items()}
             arrays.update(_moments(feats[metric_layer(ref, "fid")]))
-            labels = E.seed_labels(cfg, mine)
+            labels = evaluate.seed_labels(cfg, mine)
             if labels is not None:
                 arrays["labels"] = labels.numpy()
                 if ref.extractor == extractors.SHAPES_EXTRACTOR:  # the classifier's verdicts, for class accuracy
-                    logits = M.extract_features(images, ref, str(device), layer="logits")
+                    logits = extract_features(images, ref, str(device), layer="logits")
                     arrays["pred"] = logits.argmax(1).cpu().numpy()
             if dino is not None:
-                d = _moments(M.extract_features(images, dino, str(device)))
+                d = _moments(extract_features(images, dino, str(device)))
                 arrays.update({"dino_sum_x": d["sum_x"], "dino_sum_xx": d["sum_xx"]})
             t3 = time.time()
             arrays.update({"nfe": np.int64(nfe), "sample_seconds": np.float64(t2 - t1),
-                           "metric_seconds": np.float64(t3 - t2), "gpus": np.int64(E.device_count(device)),
+                           "metric_seconds": np.float64(t3 - t2), "gpus": np.int64(evaluate.device_count(device)),
                            "threads": np.int64(torch.get_num_threads()), "seeds": np.asarray(mine, np.int64)})
             write_shard(path, identity, arrays)
             computed.append(path.name)
@@ -273,20 +279,20 @@ def _merged_stats(parts: list[dict], prefix: str = "") -> tuple[np.ndarray, np.n
 
 
 def fid_from_shards(parts: list[dict], mu_ref, sigma_ref, prefix: str = "") -> float:
-    return M.frechet_distance(*_merged_stats(parts, prefix), mu_ref, sigma_ref)
+    return frechet_distance(*_merged_stats(parts, prefix), mu_ref, sigma_ref)
 
 
-def _real_featuresdict(ref: M.Reference, layers: list[str], device: str) -> dict:
+def _real_featuresdict(ref: Reference, layers: list[str], device: str) -> dict:
     """The real images' features through torch-fidelity's cache (the ones calculate_metrics compares with)."""
     from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
 
-    kw = {**M._fidelity_kwargs(ref, device, 256), "input2": M.ImageTensorDataset(ref.images),
+    kw = {**_fidelity_kwargs(ref, device, 256), "input2": ImageTensorDataset(ref.images),
           "input2_cache_name": ref.name}
     fe = create_feature_extractor(ref.extractor, layers, **kw)
     return extract_featuresdict_from_input_id_cached(2, fe, **kw)
 
 
-def set_metrics(parts: list[dict], seeds: list[int], ref: M.Reference, mu_ref, sigma_ref, spec: EvalSpec,
+def set_metrics(parts: list[dict], seeds: list[int], ref: Reference, mu_ref, sigma_ref, spec: EvalSpec,
                 device: str, dino_stats=None) -> dict:
     """The metrics of one seed set from its shards, with compute_metrics's keys and conditions."""
     from torch_fidelity import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, KEY_METRIC_PRECISION, KEY_METRIC_RECALL
@@ -317,8 +323,8 @@ def set_metrics(parts: list[dict], seeds: list[int], ref: M.Reference, mu_ref, s
         pred = torch.from_numpy(_gather(parts, "pred", len(seeds)))
         out["class_accuracy"] = float((pred == labels).double().mean())
         if ref.labels is not None and ref.images is not None:
-            out["fjd"] = M.frechet_joint_distance(feats[fid_layer], labels, ref.real_features, ref.labels,
-                                                  len(M.ref_classes(ref)))
+            out["fjd"] = frechet_joint_distance(feats[fid_layer], labels, ref.real_features, ref.labels,
+                                                len(ref_classes(ref)))
     if dino_stats is not None:
         out["fd_dinov2"] = fid_from_shards(parts, *dino_stats, prefix="dino_")
     return out
@@ -328,11 +334,11 @@ def reduce_shards(spec: EvalSpec) -> list[dict]:
     """metrics.json entries (scm.evaluate's schema) from the shard files; missing or stale ones are an error
     naming them."""
     t0, run_dir, device, final_digest, cfg = _open_run(spec)
-    ref, ref_path, dino = E.references(cfg, spec.extractor, spec.extractor_weights, spec.cache_dir, spec.ref_stats,
-                                       spec.dinov2, device)
-    mu_ref, sigma_ref, _ = M.reference_stats(ref, str(device))
-    dino_stats = M.reference_stats(dino, str(device))[:2] if dino is not None else None
-    sets = E.seed_set_list(spec.num, spec.seed_sets, spec.first_seed)
+    ref, ref_path, dino = evaluate.references(cfg, spec.extractor, spec.extractor_weights, spec.cache_dir,
+                                              spec.ref_stats, spec.dinov2, device)
+    mu_ref, sigma_ref, _ = reference_stats(ref, str(device))
+    dino_stats = reference_stats(dino, str(device))[:2] if dino is not None else None
+    sets = evaluate.seed_set_list(spec.num, spec.seed_sets, spec.first_seed)
     loaded, missing = {}, []
     for s in spec.steps:
         for j, seeds in enumerate(sets):
@@ -359,10 +365,10 @@ def reduce_shards(spec: EvalSpec) -> list[dict]:
             gpus, threads = max(int(p["gpus"]) for p in parts), max(int(p["threads"]) for p in parts)
             nfe = int(parts[0]["nfe"])
             log.info("%s steps=%d seeds %s (%d shards): FID %.4f, class accuracy %s", run_dir.name, s,
-                     E.format_seeds(seeds), spec.shards, m["fid"], m["class_accuracy"])
-        sampler = E.sampler_spec(cfg, s, spec.solver, spec.guidance)
-        entries.append(E.metrics_entry(run_dir, cfg, sampler, nfe, sets, per_set, ref, ref_path, dino is not None,
-                                       t_sample, t_metric, device, gpus, threads))
+                     evaluate.format_seeds(seeds), spec.shards, m["fid"], m["class_accuracy"])
+        sampler = evaluate.sampler_spec(cfg, s, spec.solver, spec.guidance)
+        entries.append(evaluate.metrics_entry(run_dir, cfg, sampler, nfe, sets, per_set, ref, ref_path,
+                                              dino is not None, t_sample, t_metric, device, gpus, threads))
     log.info("reduced %d shard files in %.1f s", len(loaded), time.time() - t0)
     return entries
 
@@ -399,7 +405,7 @@ class SampleShardJob(submitit.helpers.Checkpointable):
 
     def __call__(self, shard: int) -> dict:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return E.sample_run(**self.kwargs, shard=(shard, self.shards), grid=False)
+        return evaluate.sample_run(**self.kwargs, shard=(shard, self.shards), grid=False)
 
 
 def pending_shards(spec: EvalSpec) -> list[int]:
@@ -463,7 +469,7 @@ def sample_sharded(kwargs: dict, shards: int, launcher: str = "debug", profile=N
     unsharded grid). kwargs: scm.evaluate.sample_run's (run_dir, steps, seeds, out_dir, ...)."""
     t0 = time.time()
     if launcher == "debug":
-        infos = [E.sample_run(**kwargs, shard=(i, shards), grid=False) for i in range(shards)]
+        infos = [evaluate.sample_run(**kwargs, shard=(i, shards), grid=False) for i in range(shards)]
     else:
         ex = _executor(launcher, _job_folder(Path(kwargs["out_dir"])), profile,
                        f"scm-sample-{Path(kwargs['run_dir']).name}")
@@ -475,6 +481,6 @@ def sample_sharded(kwargs: dict, shards: int, launcher: str = "debug", profile=N
 
         images = [torch.from_numpy(np.array(PIL.Image.open(out_dir / f"{s:06d}.png"))) for s in seeds]
         images = torch.stack([x[:, :, None] if x.ndim == 2 else x for x in images]).permute(0, 3, 1, 2)
-        E.write_grid(images, out_dir / "grid.png", limit=grid)
+        evaluate.write_grid(images, out_dir / "grid.png", limit=grid)
     return {"num": sum(i["num"] for i in infos), "nfe": max(i["nfe"] for i in infos),
             "seconds": round(time.time() - t0, 3), "out_dir": str(out_dir)}

@@ -50,9 +50,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from scm import config as C
-from scm import extractors
-from scm import metrics as M
+from scm import extractors, metrics
+from scm.config import REF_STATS_DIR, ConfigError
 from scm.fileio import atomic_write_bytes, atomic_write_text
 from scm.samplers import cm_times, consistency_sample, teacher_sample
 
@@ -220,7 +219,7 @@ def generate(net, cfg, seeds: list[int], steps: int, batch: int = 64, solver: st
         x = x[:len(chunk)]
         if shape[0] == 4:
             x = decode_latents(vae, x, cfg.data, cfg.sigma_d)
-        out.append(M.to_uint8(x).cpu())
+        out.append(metrics.to_uint8(x).cpu())
     return torch.cat(out), nfe
 
 
@@ -301,7 +300,7 @@ def _entry_base(run_dir: Path, cfg, spec: SamplerSpec, nfe: int) -> dict:
 
 def evaluate_run(run_dir, steps: list[int], num: int = 1024, seed_sets: int = 1, first_seed: int = 0,
                  batch: int = 64, solver: str | None = None, guidance: float | None = None,
-                 extractor: str | None = None, extractor_weights=None, cache_dir=C.REF_STATS_DIR,
+                 extractor: str | None = None, extractor_weights=None, cache_dir=REF_STATS_DIR,
                  ref_stats=None, dinov2=None, kid: bool = True, prc: bool = True, kid_subsets: int = 100,
                  device: str = "auto", vae_path=None) -> list[dict]:
     """One metrics entry per value of `steps`; seed set j uses seeds first_seed + [j num, (j + 1) num)."""
@@ -321,10 +320,10 @@ def evaluate_run(run_dir, steps: list[int], num: int = 1024, seed_sets: int = 1,
             t0 = time.time()
             gen, nfe = generate(net, cfg, seeds, s, batch, solver, guidance, device, vae)
             t1 = time.time()
-            m = M.compute_metrics(gen, ref, kid, prc, str(device), kid_subsets=kid_subsets,
-                                  labels=seed_labels(cfg, seeds))
+            m = metrics.compute_metrics(gen, ref, kid, prc, str(device), kid_subsets=kid_subsets,
+                                        labels=seed_labels(cfg, seeds))
             if dino is not None:
-                m["fd_dinov2"] = M.compute_metrics(gen, dino, False, False, str(device))["fid"]
+                m["fd_dinov2"] = metrics.compute_metrics(gen, dino, False, False, str(device))["fid"]
             t_sample, t_metric = t_sample + t1 - t0, t_metric + time.time() - t1
             per_set.append(m)
             log.info("%s steps=%d seeds %s: FID %.4f, class accuracy %s", run_dir.name, s, format_seeds(seeds),
@@ -344,15 +343,15 @@ def device_count(device) -> int:
     return torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
 
 
-def references(cfg, extractor=None, extractor_weights=None, cache_dir=C.REF_STATS_DIR, ref_stats=None,
+def references(cfg, extractor=None, extractor_weights=None, cache_dir=REF_STATS_DIR, ref_stats=None,
                dinov2=None, device="cpu"):
     """(FID reference, its statistics file, DINOv2 reference or None) of a run's dataset."""
     images, real_labels = (None, None) if ref_stats else real_images(cfg.data, with_labels=True)
     version = cfg.data.shapes_version if cfg.data.name == "shapes" else None
-    ref = M.make_reference(cfg.data.name, images, extractor, extractor_weights, cache_dir, ref_stats,
-                           labels=real_labels, shapes_version=version)
-    ref_path = M.reference_stats(ref, str(device))[2]
-    dino = (M.make_reference(cfg.data.name, images, extractors.DINOV2_EXTRACTOR, dinov2, cache_dir, ref_stats)
+    ref = metrics.make_reference(cfg.data.name, images, extractor, extractor_weights, cache_dir, ref_stats,
+                                 labels=real_labels, shapes_version=version)
+    ref_path = metrics.reference_stats(ref, str(device))[2]
+    dino = (metrics.make_reference(cfg.data.name, images, extractors.DINOV2_EXTRACTOR, dinov2, cache_dir, ref_stats)
             if dinov2 else None)
     return ref, ref_path, dino
 
@@ -367,11 +366,11 @@ def metrics_entry(run_dir: Path, cfg, spec: SamplerSpec, nfe: int, sets: list[li
     keys = ["fid", "class_accuracy", "fjd"] + (["fd_dinov2"] if with_dino else [])
     for key in keys:
         vals = [m[key] for m in per_set]
-        stats = M.summarize(vals)
+        stats = metrics.summarize(vals)
         entry.update({key: vals if stats["mean"] is not None else None,
                       **{f"{key}_{k}": stats[k] for k in ("min", "max", "mean", "sd")}})
     for key in ("kid", "kid_sd", "precision", "recall"):
-        entry[key] = M.summarize([m[key] for m in per_set])["mean"]
+        entry[key] = metrics.summarize([m[key] for m in per_set])["mean"]
     entry.update(extractors.extractor_info(ref.extractor, ref.weights_path))
     entry.update({"ref_stats": ref.name, "ref_stats_path": str(ref_path),
                   "sample_seconds": round(t_sample, 3), "metric_seconds": round(t_metric, 3),
@@ -416,10 +415,10 @@ def study_eval_inputs(data_cfg, eval_cfg: dict) -> dict[str, str]:
     for key in EVAL_INPUT_KEYS:
         path = eval_cfg.get(key)
         if not path and key in why:
-            raise C.ConfigError(f"eval.{key}: not set ({why[key]})", key=f"eval.{key}")
+            raise ConfigError(f"eval.{key}: not set ({why[key]})", key=f"eval.{key}")
         if path and not Path(path).exists():
-            raise C.ConfigError(f"eval.{key}: {path} not found ({why.get(key, 'given in the study file')})",
-                                key=f"eval.{key}")
+            raise ConfigError(f"eval.{key}: {path} not found ({why.get(key, 'given in the study file')})",
+                              key=f"eval.{key}")
         if path:
             paths[key] = str(path)
     return paths

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from scm import config as C
+from scm.config import Config, ConfigError, apply_override, flatten
 from scm.gmm import GaussianMixture
 from scm.trigflow import consistency_fn, sigma_to_t
 
@@ -35,10 +35,10 @@ EXACT_PREFIX = "exact:"
 # The exact teacher (sCD from a perfect teacher).
 
 
-def mixture_of(cfg: C.Config) -> GaussianMixture:
+def mixture_of(cfg: Config) -> GaussianMixture:
     """The mixture a 'gmm' run trains on (the same parameters as scm.data.GMMDataset)."""
     if cfg.data.name != "gmm":
-        raise C.ConfigError(f"data.name: the exact teacher needs data.name='gmm', got {cfg.data.name!r}")
+        raise ConfigError(f"data.name: the exact teacher needs data.name='gmm', got {cfg.data.name!r}")
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     return GaussianMixture.for_data(cfg.data.gmm_components, math.prod(shape), cfg.data.gmm_seed, cfg.sigma_d,
                                     shape, cfg.data.gmm_mean_resolution)
@@ -84,11 +84,11 @@ class ExactConsistencyNet(torch.nn.Module):
         return torch.zeros_like(t).reshape(-1)
 
 
-def exact_teacher(spec: str, cfg: C.Config, device) -> torch.nn.Module:
+def exact_teacher(spec: str, cfg: Config, device) -> torch.nn.Module:
     """The sCD teacher named by run.teacher_run_dir = 'exact:<spec>'; spec 'data' = the run's own mixture."""
     if spec != "data":
-        raise C.ConfigError(f"run.teacher_run_dir: unknown exact teacher {EXACT_PREFIX + spec!r}; "
-                            f"use '{EXACT_PREFIX}data' (the exact velocity of the run's mixture)")
+        raise ConfigError(f"run.teacher_run_dir: unknown exact teacher {EXACT_PREFIX + spec!r}; "
+                          f"use '{EXACT_PREFIX}data' (the exact velocity of the run's mixture)")
     mixture = mixture_of(cfg)
     return ExactVelocityNet(mixture.to(device)).eval()
 
@@ -230,9 +230,9 @@ def load_reference(path: str | Path) -> dict:
 
 def reference_from_spec(spec: dict[str, Any]) -> tuple[dict, dict]:
     """The reference of a study (what `scm exact reference` writes) and its floors."""
-    cfg = C.Config()
-    for key, value in C.flatten({"data": spec["data"]}).items():
-        C.apply_override(cfg, key, value)
+    cfg = Config()
+    for key, value in flatten({"data": spec["data"]}).items():
+        apply_override(cfg, key, value)
     cfg.sigma_d = spec["sigma_d"]
     mixture = mixture_of(cfg)
     ref = build_reference(mixture, spec["num"], spec["times"], spec["seed"], spec["ode_steps"])

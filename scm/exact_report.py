@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from scm import config as C  # noqa: E402
 from scm import exact  # noqa: E402
+from scm.config import from_dict  # noqa: E402
 from scm.seedstats import format_interval, mean_interval, paired_difference  # noqa: E402
 from scm.trigflow import consistency_fn  # noqa: E402
 
@@ -174,7 +174,7 @@ def map2d(spec: dict, out: str | Path) -> list[Path]:
     """Train the 2-D run (resumable), then draw noise -> Phi (exact) and noise -> f_theta (one step)."""
     from scm.train import load_final, train
 
-    cfg = C.from_dict(spec["config"])
+    cfg = from_dict(spec["config"])
     mixture = exact.mixture_of(cfg)
     train(cfg, spec["run_dir"], on_config_change="restart")
     net, _ = load_final(spec["run_dir"], "ema")

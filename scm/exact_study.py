@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from scm import config as C
 from scm import exact
+from scm.config import Config, ConfigError, flatten, from_dict, resolve, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,17 @@ class ExactStudy:
         self.skip = {k: v for k, v in (self.exact.get("skip", {}) or {}).items() if k in names or k not in files}
         unknown = sorted(set(self.skip) - set(files))
         if unknown:
-            raise C.ConfigError(f"exact.skip: {unknown} are not ablation files in {folder}")
+            raise ConfigError(f"exact.skip: {unknown} are not ablation files in {folder}")
         self.ablations = {n: load_ablation(folder / f"{n}.yaml") for n in names if n not in self.skip}
         self.rows = list(self.exact.get("rows", list(ROWS)))
         bad = [r for r in self.rows if r not in ROWS]
         if bad:
-            raise C.ConfigError(f"exact.rows: unknown {bad}; choose from {list(ROWS)}")
+            raise ConfigError(f"exact.rows: unknown {bad}; choose from {list(ROWS)}")
         self.seeds = [int(s) for s in config.get("seeds", [0])]
         self.ablation_seeds = [int(s) for s in ab.get("seeds", self.seeds)]
         self.processes = int(self.exact.get("processes", 4))
         if self.processes < 1:
-            raise C.ConfigError(f"exact.processes: expected at least 1, got {self.processes}")
+            raise ConfigError(f"exact.processes: expected at least 1, got {self.processes}")
 
     def jobs(self) -> list[tuple[str, str]]:
         """(row, technique): every row with the full recipe, then the ablation row's techniques."""
@@ -101,11 +101,11 @@ class ExactStudy:
         """Study-wide, then the method's, the ablation grid's, the row's, then the ablation file's overrides."""
         method = ROWS[row]
         out: dict[str, Any] = {}
-        out.update(C.flatten(self.cfg.get("overrides", {}) or {}))
-        out.update(C.flatten((self.cfg.get("method_overrides", {}) or {}).get(method, {}) or {}))
+        out.update(flatten(self.cfg.get("overrides", {}) or {}))
+        out.update(flatten((self.cfg.get("method_overrides", {}) or {}).get(method, {}) or {}))
         if row == "scd_exact":
-            out.update(C.flatten((self.cfg.get("ablations", {}) or {}).get("overrides", {}) or {}))
-        out.update(C.flatten((self.exact.get("row_overrides", {}) or {}).get(row, {}) or {}))
+            out.update(flatten((self.cfg.get("ablations", {}) or {}).get("overrides", {}) or {}))
+        out.update(flatten((self.exact.get("row_overrides", {}) or {}).get(row, {}) or {}))
         if technique != "full":
             out.update(self.ablations[technique])
         out["run.seed"] = seed
@@ -115,8 +115,8 @@ class ExactStudy:
             out["run.teacher_run_dir"] = str(self.run_dir(self.teacher_run()))
         return out
 
-    def run_config(self, row: str, technique: str, seed: int) -> C.Config:
-        cfg = C.resolve(self.cfg["dataset"], self.size, ROWS[row], self.overrides(row, technique, seed))
+    def run_config(self, row: str, technique: str, seed: int) -> Config:
+        cfg = resolve(self.cfg["dataset"], self.size, ROWS[row], self.overrides(row, technique, seed))
         # error-vs-iterations curves: the EMA network is scored `curve_points` times during training
         cfg.run.eval_kimg = cfg.run.total_kimg / int(self.exact.get("curve_points", 10))
         return cfg
@@ -127,7 +127,7 @@ class ExactStudy:
         for seed in self.seeds_of(row):
             run_id = f"{self.job_name(row, technique)}-s{seed}"
             runs.append({"run_id": run_id, "seed": seed, "run_dir": str(self.run_dir(run_id)),
-                         "config": C.to_dict(self.run_config(row, technique, seed))})
+                         "config": to_dict(self.run_config(row, technique, seed))})
         return {"row": row, "technique": technique, "runs": runs,
                 "curve_noises": int(self.exact.get("curve_noises", 256)),
                 "sw_projections": int(self.exact.get("sw_projections", 256))}
@@ -135,7 +135,7 @@ class ExactStudy:
     def reference_spec(self) -> dict[str, Any]:
         cfg = self.run_config("scd_exact", "full", 0)
         T = exact.t_max(cfg.sigma_d, cfg.sampler.sigma_max)
-        return {"data": C.to_dict(cfg)["data"], "sigma_d": cfg.sigma_d,
+        return {"data": to_dict(cfg)["data"], "sigma_d": cfg.sigma_d,
                 "times": [T] + [float(t) for t in self.exact.get("eval_times", [1.1, 0.6, 0.2])],
                 "num": int(self.exact.get("eval_noises", 1024)), "seed": int(self.exact.get("eval_seed", 0)),
                 "ode_steps": int(self.exact.get("ode_steps", 400)),
@@ -148,8 +148,8 @@ class ExactStudy:
         ov.update({"data.resolution": 1, "data.channels": 2, "data.gmm_components": int(m2.get("components", 5)),
                    "data.gmm_seed": int(m2.get("seed", 0)), "network.channel_mult": [1],
                    "network.attn_resolutions": [1], "run.total_kimg": float(m2.get("total_kimg", 9.6))})
-        cfg = C.resolve(self.cfg["dataset"], self.size, "scd", ov)
-        return {"config": C.to_dict(cfg), "run_dir": str(self.run_dir("map2d-scd_exact-full-s0")),
+        cfg = resolve(self.cfg["dataset"], self.size, "scd", ov)
+        return {"config": to_dict(cfg), "run_dir": str(self.run_dir("map2d-scd_exact-full-s0")),
                 "points": int(m2.get("points", 300)), "ode_steps": int(self.exact.get("ode_steps", 400)), "seed": 0}
 
     def report_spec(self) -> dict[str, Any]:
@@ -174,8 +174,8 @@ class ExactStudy:
         for row, technique in self.jobs():
             if name == "job-" + self.job_name(row, technique):
                 return self.job(row, technique)
-        raise C.ConfigError(f"exact study: no step {name!r}; groups: {list(self.groups())}, "
-                            f"jobs: {[self.job_name(*j) for j in self.jobs()]}")
+        raise ConfigError(f"exact study: no step {name!r}; groups: {list(self.groups())}, "
+                          f"jobs: {[self.job_name(*j) for j in self.jobs()]}")
 
 
 # ----------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def run_job(job: dict[str, Any], ref: dict) -> dict[str, Any]:
 
     out = []
     for run in job["runs"]:
-        cfg = C.from_dict(run["config"])
+        cfg = from_dict(run["config"])
         run_dir = Path(run["run_dir"])
         mixture = exact.mixture_of(cfg)
         curve: list[dict] = []

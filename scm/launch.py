@@ -27,8 +27,8 @@ from typing import Any
 
 import submitit
 
-from scm import config as C
 from scm.checkpoint import RunLock, pid_alive, read_status
+from scm.config import Config, ConfigError, load_yaml
 from scm.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,14 @@ def load_profiles(path: str | Path) -> dict[str, ClusterProfile]:
     """{name: ClusterProfile} from a YAML file; unknown keys are errors naming the file and profile."""
     path = Path(path)
     if not path.exists():
-        raise C.ConfigError(f"cluster profiles file {path} not found")
-    raw = C.load_yaml(path, "--clusters")
+        raise ConfigError(f"cluster profiles file {path} not found")
+    raw = load_yaml(path, "--clusters")
     known = {f.name for f in dataclasses.fields(ClusterProfile)}
     out = {}
     for name, values in raw.items():
         bad = sorted(set(values or {}) - known)
         if bad:
-            raise C.ConfigError(f"{path}: profile {name!r} has unknown keys {bad}; known: {sorted(known)}")
+            raise ConfigError(f"{path}: profile {name!r} has unknown keys {bad}; known: {sorted(known)}")
         out[name] = ClusterProfile(**(values or {}))
     return out
 
@@ -86,7 +86,7 @@ def load_profiles(path: str | Path) -> dict[str, ClusterProfile]:
 def get_profile(path: str | Path, name: str) -> ClusterProfile:
     profiles = load_profiles(path)
     if name not in profiles:
-        raise C.ConfigError(f"{path}: no cluster profile {name!r}; known: {sorted(profiles)}")
+        raise ConfigError(f"{path}: no cluster profile {name!r}; known: {sorted(profiles)}")
     return profiles[name]
 
 
@@ -109,7 +109,7 @@ def make_executor(launcher: str, folder: str | Path, profile: ClusterProfile, jo
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues)
         ex.update_parameters(**_slurm_parameters(profile, job_name))
         return ex
-    raise C.ConfigError(f"launcher: unknown {launcher!r}; choose one of {list(LAUNCHERS)}")
+    raise ConfigError(f"launcher: unknown {launcher!r}; choose one of {list(LAUNCHERS)}")
 
 
 def _slurm_parameters(profile: ClusterProfile, job_name: str) -> dict[str, Any]:
@@ -168,7 +168,7 @@ def _init_distributed() -> None:
 class TrainJob(submitit.helpers.Checkpointable):
     """Runs scm.train.train(cfg, run_dir); on USR2 saves a checkpoint and asks to be requeued."""
 
-    def __init__(self, cfg: C.Config, run_dir: str, on_config_change: str = "error"):
+    def __init__(self, cfg: Config, run_dir: str, on_config_change: str = "error"):
         self.cfg, self.run_dir, self.on_config_change = cfg, run_dir, on_config_change
 
     def __call__(self) -> dict:
@@ -242,7 +242,7 @@ def _reattach(run_dir: Path, launcher: str):
     return None
 
 
-def submit(cfg: C.Config, run_dir: str | Path, launcher: str = "local", profile: ClusterProfile | None = None,
+def submit(cfg: Config, run_dir: str | Path, launcher: str = "local", profile: ClusterProfile | None = None,
            on_config_change: str = "error"):
     """Submit training (or re-attach to the job already running for run_dir); returns the submitit job.
 
@@ -299,7 +299,7 @@ def wait(job, run_dir: str | Path, poll_s: float = 5.0) -> dict:
     return result if isinstance(result, dict) else read_status(Path(run_dir))
 
 
-def launch(cfg: C.Config, run_dir: str | Path, launcher: str = "local", profile: ClusterProfile | None = None,
+def launch(cfg: Config, run_dir: str | Path, launcher: str = "local", profile: ClusterProfile | None = None,
            poll_s: float = 5.0, on_config_change: str = "error") -> dict:
     """Submit (or re-attach) and wait; returns the run's final status (at once for a completed run)."""
     from scm.train import train

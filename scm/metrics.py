@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scm import config as C
+from scm.config import REF_STATS_DIR
 from scm.extractors import (
     DINOV2_EXTRACTOR,
     SHAPES_EXTRACTOR,
@@ -183,7 +183,7 @@ class Reference:
 
 
 def make_reference(dataset: str, images: torch.Tensor | None = None, extractor: str | None = None,
-                   weights_path=None, cache_dir=C.REF_STATS_DIR, stats_path=None, labels=None,
+                   weights_path=None, cache_dir=REF_STATS_DIR, stats_path=None, labels=None,
                    shapes_version: int | None = None) -> Reference:
     """The reference of `dataset`. Shapes: the extractor of renderer `shapes_version` (default path, trained
     if missing; given weights must match that version); without `shapes_version` the weights' own."""

@@ -155,13 +155,13 @@ _METRICS = {"FID": ("fid_mean", -1), "class acc": ("class_accuracy", +1)}
 
 def run_config(run_dir: Path) -> dict:
     """A run's resolved config as flat dotted keys (run.json from training, else run.yaml); {} if none."""
-    from scm import config as C
+    from scm.config import flatten, load_yaml
 
     run_dir = Path(run_dir)
     if (run_dir / "run.json").exists():
-        return C.flatten(json.loads((run_dir / "run.json").read_text()).get("config", {}))
+        return flatten(json.loads((run_dir / "run.json").read_text()).get("config", {}))
     if (run_dir / "run.yaml").exists():
-        return C.flatten(C.load_yaml(run_dir / "run.yaml", "run config"))
+        return flatten(load_yaml(run_dir / "run.yaml", "run config"))
     return {}
 
 
@@ -463,13 +463,13 @@ def _forward_flops_per_image(run_dir: Path, params: float) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from scm import config as C
+    from scm.config import from_dict
     from scm.networks import build_network
 
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
         return 2 * params
-    cfg = C.from_dict(json.loads(cfg_path.read_text()))
+    cfg = from_dict(json.loads(cfg_path.read_text()))
     net = build_network(cfg.network, cfg.data, cfg.sigma_d).eval()
     x = torch.zeros(1, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from scm import config as C
+from scm.config import Config, ConfigError, check_overrides, flatten, load_yaml, resolve, to_dict
 
 RUN_ID = re.compile(r"^(?P<method>teacher|sct|scd)-(?P<size>[A-Za-z]+)-(?P<ablation>[a-z0-9_]+)-s(?P<seed>\d+)$")
 
@@ -49,14 +49,14 @@ class Run:
 def parse_run_id(run_id: str) -> Run:
     m = RUN_ID.match(run_id)
     if not m:
-        raise C.ConfigError(f"run id {run_id!r} is not of the form method-size-ablation-sSEED "
-                            "(e.g. scd-tS-base-s0)")
+        raise ConfigError(f"run id {run_id!r} is not of the form method-size-ablation-sSEED "
+                          "(e.g. scd-tS-base-s0)")
     return Run(m["method"], m["size"], m["ablation"], int(m["seed"]))
 
 
 def load_ablation(path: Path) -> dict[str, Any]:
     """An ablation file: dotted overrides only, checked against the config dataclasses."""
-    return C.check_overrides(C.load_yaml(path, "ablation file"), str(path))
+    return check_overrides(load_yaml(path, "ablation file"), str(path))
 
 
 class Study:
@@ -76,7 +76,7 @@ class Study:
     def _ablation_file(self, name: str) -> dict[str, Any]:
         path = self.ablation_dir / f"{name}.yaml"
         if not path.exists():
-            raise C.ConfigError(f"ablations.names: {name!r} has no file {path}")
+            raise ConfigError(f"ablations.names: {name!r} has no file {path}")
         return load_ablation(path)
 
     # ------------------------------------------------------------------------
@@ -134,14 +134,14 @@ class Study:
     def overrides(self, run: Run) -> dict[str, Any]:
         """Study-wide overrides, then the method's, then the ablation file's, then seed and teacher."""
         out: dict[str, Any] = {}
-        out.update(C.flatten(self.cfg.get("overrides", {}) or {}))
-        out.update(C.flatten((self.cfg.get("method_overrides", {}) or {}).get(run.method, {}) or {}))
+        out.update(flatten(self.cfg.get("overrides", {}) or {}))
+        out.update(flatten((self.cfg.get("method_overrides", {}) or {}).get(run.method, {}) or {}))
         if run.ablation != "base" and run.method != "teacher":  # the ablation grid's own settings
-            out.update(C.flatten((self.cfg.get("ablations", {}) or {}).get("overrides", {}) or {}))
+            out.update(flatten((self.cfg.get("ablations", {}) or {}).get("overrides", {}) or {}))
         if run.ablation not in ("base", "full"):
             if run.ablation not in self.ablations:
-                raise C.ConfigError(f"run {run.run_id}: unknown ablation {run.ablation!r}; "
-                                    f"known: {sorted(self.ablations)}")
+                raise ConfigError(f"run {run.run_id}: unknown ablation {run.ablation!r}; "
+                                  f"known: {sorted(self.ablations)}")
             # a teacher built for an ablation takes only its network changes
             extra = self.ablations[run.ablation] if run.method != "teacher" else self._network_overrides(run.ablation)
             out.update(extra)
@@ -150,13 +150,13 @@ class Study:
             out["run.teacher_run_dir"] = str(self.run_dir(self.teacher_of(run)))
         return out
 
-    def config(self, run_id: str) -> C.Config:
+    def config(self, run_id: str) -> Config:
         run = parse_run_id(run_id)
-        return C.resolve(self.dataset, run.size, run.method, self.overrides(run))
+        return resolve(self.dataset, run.size, run.method, self.overrides(run))
 
     def config_dict(self, run_id: str) -> dict[str, Any]:
         """The resolved config of a run as a plain dict (what `scm train --config` reads back)."""
-        return C.to_dict(self.config(run_id))
+        return to_dict(self.config(run_id))
 
     def eval_steps(self, run: Run | str) -> list[int]:
         """Sampling steps evaluated: 1- and 2-step (or more) for CMs, the solver steps for teachers."""

@@ -54,7 +54,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from scm import config as C
+from scm.config import ConfigError, config_hash, resolve_from_dict
 from scm.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from scm.sweep_spec import SweepSpec, base_config, suggest, trial_dir
 
@@ -226,21 +226,21 @@ def make_storage(storage: str, spec: SweepSpec):
 def make_sampler(spec: SweepSpec, worker: int = 0) -> optuna.samplers.BaseSampler:
     s = spec.sampler
     seed = None if s.seed is None else s.seed + worker
-    S = optuna.samplers
     try:
         if s.name == "tpe":
-            return S.TPESampler(seed=seed, **s.options)
+            return optuna.samplers.TPESampler(seed=seed, **s.options)
         if s.name == "random":
-            return S.RandomSampler(seed=seed, **s.options)
+            return optuna.samplers.RandomSampler(seed=seed, **s.options)
         if s.name == "grid":
-            return S.GridSampler({k: list(p.choices) for k, p in spec.space.items()}, seed=seed, **s.options)
+            grid = {k: list(p.choices) for k, p in spec.space.items()}
+            return optuna.samplers.GridSampler(grid, seed=seed, **s.options)
         if s.name == "cmaes":
             _require("cmaes", "sampler 'cmaes' needs the cmaes package")
-            return S.CmaEsSampler(seed=seed, **s.options)
+            return optuna.samplers.CmaEsSampler(seed=seed, **s.options)
         _require("scipy", "sampler 'gp' needs scipy (and torch)")
-        return S.GPSampler(seed=seed, **s.options)
+        return optuna.samplers.GPSampler(seed=seed, **s.options)
     except TypeError as e:  # an option the sampler does not take
-        raise C.ConfigError(f"sampler.options for {s.name!r}: {e}") from None
+        raise ConfigError(f"sampler.options for {s.name!r}: {e}") from None
 
 
 def _require(module: str, what: str) -> None:
@@ -256,7 +256,7 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     try:
         return kind(**spec.pruner.options)
     except TypeError as e:
-        raise C.ConfigError(f"pruner.options for {spec.pruner.name!r}: {e}") from None
+        raise ConfigError(f"pruner.options for {spec.pruner.name!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------
@@ -318,36 +318,33 @@ class TrainingObjective:
         return {**self.__dict__, "_ref": None}  # the reference (real images) is rebuilt per process
 
     def reference(self, cfg):
-        from scm import evaluate as E
-        from scm import metrics as M
+        from scm import evaluate, metrics
 
         if self._ref is None:
             o = self.spec.objective
-            self._ref = M.make_reference(cfg.data.name, E.real_images(cfg.data), o.extractor,
-                                         o.extractor_weights, o.cache_dir,
-                                         shapes_version=cfg.data.shapes_version if cfg.data.name == "shapes" else None)
+            shapes_version = cfg.data.shapes_version if cfg.data.name == "shapes" else None
+            self._ref = metrics.make_reference(cfg.data.name, evaluate.real_images(cfg.data), o.extractor,
+                                               o.extractor_weights, o.cache_dir, shapes_version=shapes_version)
         return self._ref
 
     def prepare(self) -> None:
         """In the coordinator, before workers start: the teacher is finished; the reference statistics
         (and the shapes extractor) exist, so that workers only read them."""
-        from scm import evaluate as E
-        from scm import metrics as M
+        from scm import evaluate, metrics
         from scm.train import load_final
 
         cfg = base_config(self.spec)
         if cfg.run.method == "scd" and not cfg.run.teacher_run_dir.startswith("exact:"):
             load_final(Path(cfg.run.teacher_run_dir), "ema")  # raises TeacherNotReadyError with a hint
-        M.reference_stats(self.reference(cfg), str(E.resolve_device(cfg.run.device)))
+        metrics.reference_stats(self.reference(cfg), str(evaluate.resolve_device(cfg.run.device)))
 
     def fid(self, net, cfg, num: int) -> float:
-        from scm import evaluate as E
-        from scm import metrics as M
+        from scm import evaluate, metrics
 
         o = self.spec.objective
-        device = E.resolve_device(cfg.run.device)
-        images, _ = E.generate(net, cfg, list(range(num)), o.steps, batch=min(o.batch, num), device=device)
-        return M.compute_metrics(images, self.reference(cfg), kid=False, prc=False, device=str(device))["fid"]
+        device = evaluate.resolve_device(cfg.run.device)
+        images, _ = evaluate.generate(net, cfg, list(range(num)), o.steps, batch=min(o.batch, num), device=device)
+        return metrics.compute_metrics(images, self.reference(cfg), kid=False, prc=False, device=str(device))["fid"]
 
     def __call__(self, trial: optuna.Trial) -> float:
         from scm.evaluate import resolve_device
@@ -356,7 +353,7 @@ class TrainingObjective:
         cfg = base_config(self.spec, suggest(trial, self.spec.space))
         run_dir = trial_dir(self.out, trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("config_hash", C.config_hash(cfg))  # best.yaml checks that it reproduces it
+        trial.set_user_attr("config_hash", config_hash(cfg))  # best.yaml checks that it reproduces it
         # Trial numbers are unique in a study: a directory already there is from a study started afresh.
         if run_dir.exists():
             log.warning("removing %s left by an earlier study", run_dir)
@@ -451,7 +448,7 @@ def run_worker(spec: SweepSpec, storage: str, objective: Callable[[optuna.Trial]
     if budget.reached(study):
         return ran
     study.optimize(_guard(objective), callbacks=[lambda s, t: ran.append(t.number), budget],
-                   catch=(DivergedError, C.ConfigError, torch.OutOfMemoryError), gc_after_trial=True)
+                   catch=(DivergedError, ConfigError, torch.OutOfMemoryError), gc_after_trial=True)
     log.info("worker %d ran trials %s", worker, ran)
     return ran
 
@@ -569,11 +566,11 @@ def open_study(spec: SweepSpec, storage: str, restart: bool = False, out: str | 
     if old is not None and old != spec.identity():
         diff = sorted(k for k in spec.identity() if old.get(k) != spec.identity()[k])
         if not restart:
-            raise C.ConfigError(f"study {spec.name!r} in {storage} was declared with other {diff}; start it "
-                                "afresh with --restart, or use another --out / name")
+            raise ConfigError(f"study {spec.name!r} in {storage} was declared with other {diff}; start it "
+                              "afresh with --restart, or use another --out / name")
         if is_url(storage) or optuna.get_all_study_names(backend) != [spec.name]:
-            raise C.ConfigError(f"--restart: {storage} holds other studies too; rename this study (name:) "
-                                "or delete it by hand")
+            raise ConfigError(f"--restart: {storage} holds other studies too; rename this study (name:) "
+                              "or delete it by hand")
         log.warning("study changed (%s): moving %s and its outputs aside (.%s.bak)", diff, storage, stamp)
         _move_aside([Path(storage)] + [out / name for name in MOVED_ON_RESTART], stamp)
         return open_study(spec, storage, out=out)
@@ -622,7 +619,7 @@ def _wait_for_previous_jobs(out: Path) -> None:
 
 def _launch(spec: SweepSpec, storage: str, objective, n: int, launcher: str, profile, out: Path) -> list[str]:
     """n workers: in this process (debug: one), local subprocesses or a SLURM job array; returns errors."""
-    from scm import launch as L
+    from scm import launch
 
     if launcher == "debug":
         if n > 1:
@@ -633,10 +630,10 @@ def _launch(spec: SweepSpec, storage: str, objective, n: int, launcher: str, pro
     import submitit
 
     # One task per worker (a profile's DDP tasks would each optimize the study); local: no short limit.
-    default = L.ClusterProfile(time_min=7 * 24 * 60) if launcher == "local" else L.ClusterProfile()
+    default = launch.ClusterProfile(time_min=7 * 24 * 60) if launcher == "local" else launch.ClusterProfile()
     profile = dataclasses.replace(profile or default, nodes=1, tasks_per_node=1)
     folder = out / "workers" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    ex = L.make_executor(launcher, folder, profile, job_name=f"scm-sweep-{spec.name}")
+    ex = launch.make_executor(launcher, folder, profile, job_name=f"scm-sweep-{spec.name}")
     if launcher == "slurm":
         ex.update_parameters(array_parallelism=n)
     pid = os.getpid() if launcher == "local" else None
@@ -724,7 +721,7 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
 def best_overrides(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
     """Every override a trial trained with (dotted keys): the base run's dataset, size and method (and
     teacher, absolute as TrainingObjective passes it), the study's base overrides, then the trial's params.
-    C.resolve_from_dict of them is base_config(spec, params): the trial's run config."""
+    resolve_from_dict of them is base_config(spec, params): the trial's run config."""
     b = spec.base
     teacher = {"run.teacher_run_dir": str(Path(b.teacher_run_dir).resolve())} if b.method == "scd" else {}
     return {"data.name": b.dataset, "run.size": b.size, "run.method": b.method, **b.overrides, **teacher,
@@ -736,7 +733,7 @@ def write_best_yaml(study: optuna.Study, spec: SweepSpec, path: str | Path) -> P
     THIS_FILE` trains exactly the trial's config; trial, value and config hash in a header."""
     best, path = study.best_trial, Path(path)
     overrides = best_overrides(spec, best.params)
-    cfg_hash = C.config_hash(C.resolve_from_dict(nest(overrides)))
+    cfg_hash = config_hash(resolve_from_dict(nest(overrides)))
     if best.user_attrs.get("config_hash", cfg_hash) != cfg_hash:  # recorded by TrainingObjective
         log.warning("%s: trial %d ran config %s, its overrides now resolve to %s (presets changed since?)",
                     path, best.number, best.user_attrs["config_hash"], cfg_hash)

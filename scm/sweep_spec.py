@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from scm import config as C
+from scm.config import REF_STATS_DIR, Config, ConfigError, check_overrides, flatten, load_yaml, resolve
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -59,7 +59,7 @@ class ObjectiveSpec:
     batch: int = 256                     # sampling batch
     extractor: str | None = None         # None = scm.metrics' default for the dataset
     extractor_weights: str | None = None
-    cache_dir: str = C.REF_STATS_DIR
+    cache_dir: str = REF_STATS_DIR
 
 
 @dataclass
@@ -104,11 +104,11 @@ def _build(cls, raw: Any, where: str):
     """cls(**raw) with unknown keys reported by name."""
     raw = raw or {}
     if not isinstance(raw, dict):
-        raise C.ConfigError(f"{where}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
     known = {f.name for f in dataclasses.fields(cls)}
     bad = sorted(set(raw) - known)
     if bad:
-        raise C.ConfigError(f"{where}: unknown keys {bad}; known: {sorted(known)}")
+        raise ConfigError(f"{where}: unknown keys {bad}; known: {sorted(known)}")
     return cls(**raw)
 
 
@@ -124,30 +124,30 @@ def _space_items(raw: dict, prefix: str = ""):
 
 def _parse_param(key: str, raw: Any, where: str) -> Param:
     if not isinstance(raw, dict):
-        raise C.ConfigError(f"{where}: space.{key}: expected a mapping like {{type: float, low: 0.1, high: 1}}")
+        raise ConfigError(f"{where}: space.{key}: expected a mapping like {{type: float, low: 0.1, high: 1}}")
     p = _build(Param, {"key": key, **raw}, f"{where}: space.{key}")
     if key in FIXED_KEYS:
-        raise C.ConfigError(f"{where}: space.{key}: set it in base, it cannot be searched")
+        raise ConfigError(f"{where}: space.{key}: set it in base, it cannot be searched")
     if p.type not in PARAM_TYPES:
-        raise C.ConfigError(f"{where}: space.{key}: type {p.type!r}; choose one of {list(PARAM_TYPES)}")
+        raise ConfigError(f"{where}: space.{key}: type {p.type!r}; choose one of {list(PARAM_TYPES)}")
     if p.choices is not None or p.type == "categorical":
         if not isinstance(p.choices, (list, tuple)) or not p.choices:
-            raise C.ConfigError(f"{where}: space.{key}: give a non-empty list of choices")
+            raise ConfigError(f"{where}: space.{key}: give a non-empty list of choices")
         values = list(p.choices)
         p = dataclasses.replace(p, choices=tuple(p.choices))
     else:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (p.low, p.high)):
-            raise C.ConfigError(f"{where}: space.{key}: {p.type} needs numbers low and high (or choices)")
+            raise ConfigError(f"{where}: space.{key}: {p.type} needs numbers low and high (or choices)")
         if not p.low < p.high:
-            raise C.ConfigError(f"{where}: space.{key}: low {p.low} must be below high {p.high}")
+            raise ConfigError(f"{where}: space.{key}: low {p.low} must be below high {p.high}")
         if p.log and (p.low <= 0 or p.step is not None):
-            raise C.ConfigError(f"{where}: space.{key}: log needs low > 0 and no step")
+            raise ConfigError(f"{where}: space.{key}: log needs low > 0 and no step")
         if p.type == "int" and not all(float(v).is_integer() for v in (p.low, p.high, p.step or 1)):
-            raise C.ConfigError(f"{where}: space.{key}: int needs integer low, high and step")
+            raise ConfigError(f"{where}: space.{key}: int needs integer low, high and step")
         values = [p.low, p.high]
     # Every value the sampler may pick must be a valid value of the config field (type and range).
     for v in values:
-        C.check_overrides({key: v}, f"{where}: space.{key}")
+        check_overrides({key: v}, f"{where}: space.{key}")
     return p
 
 
@@ -156,17 +156,17 @@ def parse_spec(raw: dict, name: str = "sweep", where: str = "sweep file") -> Swe
     raw = dict(raw or {})
     for key in ("base", "space"):
         if key not in raw:
-            raise C.ConfigError(f"{where}: missing '{key}'")
+            raise ConfigError(f"{where}: missing '{key}'")
     space_raw = raw.pop("space")
     if not isinstance(space_raw, dict) or not space_raw:
-        raise C.ConfigError(f"{where}: space: declare at least one parameter")
+        raise ConfigError(f"{where}: space: declare at least one parameter")
     base = _build(BaseRun, raw.pop("base"), f"{where}: base")
     spec = _build(SweepSpec, {"name": name, **raw, "base": base,
                               "space": {k: _parse_param(k, v, where) for k, v in _space_items(space_raw)}}, where)
     spec.objective = _build(ObjectiveSpec, raw.get("objective"), f"{where}: objective")
     spec.sampler = _build(OptunaSamplerSpec, raw.get("sampler"), f"{where}: sampler")
     spec.pruner = _build(PrunerSpec, raw.get("pruner"), f"{where}: pruner")
-    spec.base.overrides = C.flatten(spec.base.overrides or {})
+    spec.base.overrides = flatten(spec.base.overrides or {})
     # Choices and ranges that the code below relies on.
     checks = [(spec.base.method in METHODS, f"base.method: {spec.base.method!r}; choose one of {list(METHODS)}"),
               (spec.base.method != "scd" or spec.base.teacher_run_dir, "base.teacher_run_dir: sCD needs the "
@@ -183,14 +183,14 @@ def parse_spec(raw: dict, name: str = "sweep", where: str = "sweep file") -> Swe
                f"space and base.overrides both set {sorted(set(spec.space) & set(spec.base.overrides))}")]
     for ok, message in checks:
         if not ok:
-            raise C.ConfigError(f"{where}: {message}")
+            raise ConfigError(f"{where}: {message}")
     if spec.sampler.name == "grid":  # a grid has as many trials as points at most
         size = math.prod(len(p.choices) for p in spec.space.values())
         spec.n_trials = min(spec.n_trials, size)
     try:
         base_config(spec)
-    except C.ConfigError as e:
-        raise C.ConfigError(f"{where}: base: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{where}: base: {e}") from None
     return spec
 
 
@@ -198,8 +198,8 @@ def load_spec(path: str | Path, n_trials: int | None = None, storage: str | None
     """The sweep file at `path` (name defaults to the file's stem); n_trials/storage override it."""
     path = Path(path)
     if not path.exists():
-        raise C.ConfigError(f"--sweep-file: {path} not found")
-    raw = C.load_yaml(path, "--sweep-file")
+        raise ConfigError(f"--sweep-file: {path} not found")
+    raw = load_yaml(path, "--sweep-file")
     if n_trials is not None:
         raw["n_trials"] = n_trials
     if storage:
@@ -207,11 +207,11 @@ def load_spec(path: str | Path, n_trials: int | None = None, storage: str | None
     return parse_spec(raw, name=str(raw.pop("name", path.stem)), where=str(path))
 
 
-def base_config(spec: SweepSpec, params: dict[str, Any] | None = None) -> C.Config:
+def base_config(spec: SweepSpec, params: dict[str, Any] | None = None) -> Config:
     """The resolved config of a trial: preset, base overrides, the teacher, then the trial's params."""
     b = spec.base
     extra = {"run.teacher_run_dir": b.teacher_run_dir} if b.method == "scd" else {}
-    return C.resolve(b.dataset, b.size, b.method, {**b.overrides, **extra, **(params or {})})
+    return resolve(b.dataset, b.size, b.method, {**b.overrides, **extra, **(params or {})})
 
 
 def suggest(trial: optuna.Trial, space: dict[str, Param]) -> dict[str, Any]:

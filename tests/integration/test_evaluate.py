@@ -7,11 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from scm import config as C
-from scm import evaluate as E
-from scm import extractors
-from scm import metrics as M
+from scm import evaluate, extractors, metrics
 from scm.cli import main
+from scm.config import resolve, resolve_from_dict
 from scm.train import train
 
 pytestmark = pytest.mark.slow
@@ -25,7 +23,7 @@ def runs(tmp_path_factory):
     """Tiny finished runs: a teacher and an sCT model (a few seconds each)."""
     root = tmp_path_factory.mktemp("runs")
     for method in ("teacher", "sct"):
-        train(C.resolve_from_dict({**TINY, "method": method}), root / f"tiny-{method}")
+        train(resolve_from_dict({**TINY, "method": method}), root / f"tiny-{method}")
     return root
 
 
@@ -56,14 +54,14 @@ def offline(monkeypatch):
 
 
 def test_parse_seeds_and_shards():
-    assert E.parse_seeds("0-3,7,9-10") == [0, 1, 2, 3, 7, 9, 10]
-    assert E.format_seeds([0, 1, 2, 3, 7, 9, 10]) == "0-3,7,9-10"
-    assert E.parse_shard("1/4") == (1, 4)
+    assert evaluate.parse_seeds("0-3,7,9-10") == [0, 1, 2, 3, 7, 9, 10]
+    assert evaluate.format_seeds([0, 1, 2, 3, 7, 9, 10]) == "0-3,7,9-10"
+    assert evaluate.parse_shard("1/4") == (1, 4)
     for bad in ("4/4", "1", "-1/2"):
         with pytest.raises(ValueError, match="--shard"):
-            E.parse_shard(bad)
+            evaluate.parse_shard(bad)
     with pytest.raises(ValueError, match="--seeds"):
-        E.parse_seeds("3-1")
+        evaluate.parse_seeds("3-1")
 
 
 # ----------------------------------------------------------------------------
@@ -97,20 +95,20 @@ def test_teacher_sampling_uses_solver_steps_and_labels(runs):
     from scm.train import load_final
 
     net, cfg = load_final(runs / "tiny-teacher")
-    images, nfe = E.generate(net, cfg, [0, 1, 2], steps=3, batch=16)
+    images, nfe = evaluate.generate(net, cfg, [0, 1, 2], steps=3, batch=16)
     assert images.dtype == torch.uint8
     assert images.shape == (3, 3, 16, 16) and nfe == 5  # DPM-Solver-2S: 2 x steps - 1
-    assert E.generate(net, cfg, [0], steps=3, batch=16, solver="euler")[1] == 3
-    _, labels, _ = E.seed_inputs([0, 1, 2, 3], (3, 16, 16), 8)
+    assert evaluate.generate(net, cfg, [0], steps=3, batch=16, solver="euler")[1] == 3
+    _, labels, _ = evaluate.seed_inputs([0, 1, 2, 3], (3, 16, 16), 8)
     assert labels.shape == (4,) and int(labels.max()) < 8
 
 
 def test_latent_runs_need_a_vae():
-    cfg = C.resolve("imagenet512", "S", "sct")
+    cfg = resolve("imagenet512", "S", "sct")
     with pytest.raises(ValueError, match="--vae"):
-        E.generate(None, cfg, [0], steps=1)
+        evaluate.generate(None, cfg, [0], steps=1)
     with pytest.raises((ImportError, FileNotFoundError), match="vae|VAE"):
-        E.load_vae("/nonexistent/sd-vae")
+        evaluate.load_vae("/nonexistent/sd-vae")
 
 
 # ----------------------------------------------------------------------------
@@ -152,10 +150,10 @@ def test_evaluate_offline_writes_metrics_json(runs, fast_extractor, tmp_path, of
     from scm.train import load_final
 
     net, cfg = load_final(runs / "tiny-sct", "ema")
-    gen, _ = E.generate(net, cfg, list(range(64)), 2)
+    gen, _ = evaluate.generate(net, cfg, list(range(64)), 2)
     labels = torch.stack([torch.randint(8, (), generator=_after_noise(k)) for k in range(64)])
-    ref = M.make_reference("shapes", gen[:8], weights_path=fast_extractor, cache_dir=tmp_path / "cache")
-    assert entries[1]["class_accuracy"][0] == pytest.approx(M.class_accuracy(gen, labels, ref))
+    ref = metrics.make_reference("shapes", gen[:8], weights_path=fast_extractor, cache_dir=tmp_path / "cache")
+    assert entries[1]["class_accuracy"][0] == pytest.approx(metrics.class_accuracy(gen, labels, ref))
 
 
 def _after_noise(seed: int) -> torch.Generator:
@@ -170,12 +168,12 @@ def test_imported_ref_stats_agree_with_calculate_metrics(runs, fast_extractor, t
     npz = tmp_path / "shapes-ref.npz"
     assert main(["data", "ref-stats", "--run-dir", str(run), "--out", str(npz), "--device", "cpu",
                  "--extractor-weights", str(fast_extractor), "--cache-dir", str(tmp_path / "cache")]) == 0
-    mu, sigma, meta = M.load_ref_stats(npz)
+    mu, sigma, meta = metrics.load_ref_stats(npz)
     assert mu.shape == (149,) and meta["num_images"] == 256
     kw = dict(steps=[2], num=64, extractor_weights=fast_extractor, cache_dir=tmp_path / "cache", device="cpu",
               kid_subsets=10)
-    main_path = E.evaluate_run(run, **kw)[0]
-    imported = E.evaluate_run(run, ref_stats=npz, **kw)[0]
+    main_path = evaluate.evaluate_run(run, **kw)[0]
+    imported = evaluate.evaluate_run(run, ref_stats=npz, **kw)[0]
     assert imported["fid"][0] == pytest.approx(main_path["fid"][0], rel=1e-3)
     assert imported["kid"] is None and imported["ref_stats"] == "shapes-ref"
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from scm import config as C
 from scm.checkpoint import checkpoint_digest, list_checkpoints, load_checkpoint, read_status
+from scm.config import ConfigError, config_hash, from_dict, resolve_from_dict
 from scm.train import train
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ TINY = {"dataset": "shapes", "size": "tS", "method": "teacher",
 
 
 def tiny_cfg(**over):
-    return C.resolve_from_dict(TINY, over)
+    return resolve_from_dict(TINY, over)
 
 
 def write_cfg(tmp_path: Path, **run) -> Path:
@@ -94,7 +94,7 @@ def test_changed_teacher_restarts_scd(tmp_path, caplog):
     train(tiny_cfg(**{"run.total_kimg": 0.064, "run.seed": 1}), teacher_dir, on_config_change="restart")
     new_sha = checkpoint_digest(teacher_dir / "final.pt")
     assert new_sha != old_sha
-    with pytest.raises(C.ConfigError, match=rf"another teacher .*{old_sha[:16]}.*{new_sha[:16]}"):
+    with pytest.raises(ConfigError, match=rf"another teacher .*{old_sha[:16]}.*{new_sha[:16]}"):
         train(scd, tmp_path / "scd")  # on_config_change='error'
     status = train(scd, tmp_path / "scd", on_config_change="restart")
     assert status["state"] == "completed"
@@ -113,14 +113,14 @@ def test_lost_config_json_is_replaced_by_the_weights_own_config(tmp_path):
     other = tiny_cfg(**{"run.total_kimg": 0.064, "run.checkpoint_kimg": 0.016, "optim.lr": 0.005})
     train(cfg, run, stop_after_steps=2)
     (run / "config.json").unlink()
-    with pytest.raises(C.ConfigError, match=r"checkpoint-000000002\.pt: hash"):
+    with pytest.raises(ConfigError, match=r"checkpoint-000000002\.pt: hash"):
         train(other, run)
     assert train(cfg, run)["state"] == "completed"  # the same config resumes
     (run / "config.json").unlink()
-    with pytest.raises(C.ConfigError, match=r"final\.pt: hash"):
+    with pytest.raises(ConfigError, match=r"final\.pt: hash"):
         train(other, run)  # not 'already completed'
     assert train(other, run, on_config_change="restart")["state"] == "completed"
-    assert C.config_hash(C.from_dict(load_checkpoint(run / "final.pt")["config"])) == C.config_hash(other)
+    assert config_hash(from_dict(load_checkpoint(run / "final.pt")["config"])) == config_hash(other)
     assert stats_steps(run) == [4]  # one log interval, written once
 
 
@@ -218,7 +218,7 @@ def test_sigterm_and_sigint_checkpoint_at_a_step_boundary(tmp_path, sig, caplog)
     assert [s for s, _ in list_checkpoints(run)] == [step]
     assert load_checkpoint(list_checkpoints(run)[0][1])["step"] == step
     # running again resumes from it
-    train(C.resolve_from_dict(yaml.safe_load(cfg_file.read_text())), run, stop_after_steps=1)
+    train(resolve_from_dict(yaml.safe_load(cfg_file.read_text())), run, stop_after_steps=1)
     assert f"resumed from {list_checkpoints(run)[0][1]} at step {step}" in caplog.text
 
 

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from scm import config as C
 from scm import extractors
 from scm.cli import load_config, main
+from scm.config import config_hash, from_dict
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +48,9 @@ def test_two_workers_real_objective_write_trials_csv_and_best_yaml(tmp_path, qui
         assert len((run / "stats.jsonl").read_text().splitlines()) == 2  # 20 steps, a line every 10
     # best.yaml is the best trial's whole config: `scm train --config best.yaml` trains its run config again.
     best_run = out / "trials" / str(df.loc[df["value"].idxmin(), "number"])
-    run_cfg = C.from_dict(json.loads((best_run / "config.json").read_text()))
+    run_cfg = from_dict(json.loads((best_run / "config.json").read_text()))
     cfg = load_config(str(out / "best.yaml"), [], [])
-    assert C.config_hash(cfg) == C.config_hash(run_cfg) and cfg.network.model_channels == 8
+    assert config_hash(cfg) == config_hash(run_cfg) and cfg.network.model_channels == 8
     assert cfg.optim.lr == pytest.approx(df.loc[df["value"].idxmin(), "params_optim.lr"])
     assert (out / "figures" / "history.png").exists()
     # Running the command again finds the budget spent: no new trial.

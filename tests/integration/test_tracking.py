@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from scm import config as C
 from scm import tracking
+from scm.config import config_hash, resolve_from_dict
 from scm.train import train
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def test_tensorboard_scalars_read_back_equal_stats_jsonl(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    train(C.resolve_from_dict(TINY, {"run.tracker": "tensorboard"}), run_dir)
+    train(resolve_from_dict(TINY, {"run.tracker": "tensorboard"}), run_dir)
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     rows = _stats(run_dir)
@@ -41,9 +41,9 @@ def test_tensorboard_scalars_read_back_equal_stats_jsonl(tmp_path):
 
 
 def test_tracker_is_not_part_of_the_run_identity(tmp_path):
-    base = C.resolve_from_dict(TINY)
-    assert C.config_hash(base) == C.config_hash(C.resolve_from_dict(TINY, {"run.tracker": "tensorboard"}))
-    assert C.config_hash(base) != C.config_hash(C.resolve_from_dict(TINY, {"run.seed": 1}))
+    base = resolve_from_dict(TINY)
+    assert config_hash(base) == config_hash(resolve_from_dict(TINY, {"run.tracker": "tensorboard"}))
+    assert config_hash(base) != config_hash(resolve_from_dict(TINY, {"run.seed": 1}))
 
 
 def test_wandb_goes_offline_without_network(tmp_path, monkeypatch):

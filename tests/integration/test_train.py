@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from scm import config as C
 from scm.checkpoint import list_checkpoints, load_checkpoint, read_status
+from scm.config import config_hash, resolve_from_dict
 from scm.train import DivergedError, TeacherNotReadyError, train
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ TINY = {"dataset": "shapes", "size": "tS", "method": "teacher",
 
 
 def tiny_cfg(**over):
-    return C.resolve_from_dict(TINY, over)
+    return resolve_from_dict(TINY, over)
 
 
 def _scm_train(cfg_file, run_dir, *extra):
@@ -100,7 +100,7 @@ def test_scd_needs_a_finished_teacher_and_starts_from_its_ema(tmp_path):
     stats = [json.loads(line) for line in (tmp_path / "scd" / "stats.jsonl").read_text().splitlines()]
     assert all("g_norm" in row and row["loss"] == row["loss"] for row in stats)
     run = json.loads((tmp_path / "scd" / "run.json").read_text())
-    assert run["config_hash"] == C.config_hash(cfg) and "torch" in run["versions"]
+    assert run["config_hash"] == config_hash(cfg) and "torch" in run["versions"]
 
 
 def test_student_initialized_from_teacher_ema(tmp_path):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from scm import config as C
 from scm import extractors
 from scm.cli import main
+from scm.config import resolve_from_dict
 from scm.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,7 +19,7 @@ SLURM = ["--launcher", "slurm", "--cluster", "test", "--clusters", str(ROOT / "c
 
 def test_sharded_evaluation_array_equals_local_and_resumes(slurm_cluster, tmp_path, caplog):
     run = tmp_path / "run"
-    train(C.resolve_from_dict(TINY), run)
+    train(resolve_from_dict(TINY), run)
     weights = tmp_path / "shapes-features-quick.pt"  # any fixed extractor: the test compares two evaluations
     extractors.train_shapes_extractor(weights, steps=40, batch=32, train_images=256, test_images=64)
     base = ["evaluate", "--run-dir", str(run), "--steps", "2", "--num", "30", "--kid-subsets", "10", "--batch", "16",

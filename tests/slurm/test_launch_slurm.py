@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from scm import config as C
 from scm.checkpoint import list_checkpoints, read_status
+from scm.config import resolve_from_dict
 from scm.launch import get_profile, submit, wait
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def test_tiny_training_on_slurm_completes(slurm_cluster, tmp_path):
 
 
 def test_scontrol_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):
-    cfg = C.resolve_from_dict(TINY, {"run.total_kimg": 6.4})  # 400 steps: longer than the kill grace
+    cfg = resolve_from_dict(TINY, {"run.total_kimg": 6.4})  # 400 steps: longer than the kill grace
     run_dir = tmp_path / "run"
     job = submit(cfg, run_dir, "slurm", get_profile(ROOT / "config" / "clusters.yaml", "test"))
     deadline = time.time() + 300

@@ -45,14 +45,14 @@ def test_sweep_workers_as_a_slurm_array(slurm_cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [unit, os.environ.get("PYTHONPATH")])))
     from test_sweep import Quadratic, cheap_spec, study_of  # noqa: PLC0415
 
-    from scm import sweep as S
+    from scm import sweep
     from scm.launch import get_profile
 
     spec = cheap_spec(n_trials=4, name="slurm")
     out = tmp_path / "out"
-    summary = S.run_sweep(spec, out, workers=2, launcher="slurm",
-                          profile=get_profile(ROOT / "config" / "clusters.yaml", "test"),
-                          objective=Quadratic(tmp_path))
+    summary = sweep.run_sweep(spec, out, workers=2, launcher="slurm",
+                              profile=get_profile(ROOT / "config" / "clusters.yaml", "test"),
+                              objective=Quadratic(tmp_path))
     trials = study_of(spec, out).trials
     assert 4 <= len(trials) <= 5 and summary
     assert (out / "best.yaml").exists() and (out / "trials.csv").exists()

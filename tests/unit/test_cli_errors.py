@@ -166,13 +166,13 @@ def test_errors_are_one_line_from_the_real_command(tmp_path):
 @pytest.fixture
 def no_work(monkeypatch):
     """sample_run/evaluate_run must not be reached by bad input."""
-    import scm.evaluate as E
+    from scm import evaluate
 
     def refuse(*args, **kwargs):
         raise AssertionError("sampling started despite bad input")
 
-    monkeypatch.setattr(E, "sample_run", refuse)
-    monkeypatch.setattr(E, "evaluate_run", refuse)
+    monkeypatch.setattr(evaluate, "sample_run", refuse)
+    monkeypatch.setattr(evaluate, "evaluate_run", refuse)
 
 
 @pytest.mark.parametrize("args,needles", [

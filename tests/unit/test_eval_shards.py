@@ -8,10 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from scm import config as C
 from scm import eval_shards as ES
-from scm import evaluate as E
-from scm import metrics as M
+from scm import evaluate, metrics
+from scm.config import ConfigError, resolve
 from scm.report import eval_hours
 
 CLUSTERS = Path(__file__).resolve().parents[2] / "config" / "clusters.yaml"
@@ -34,8 +33,8 @@ def test_reduced_fid_equals_float64_frechet_of_concatenated_features():
     # skewed, correlated, float32 features with a large mean: what a moment merge could get wrong
     feats = (rng.gamma(2.0, 1.0, (301, 12)) @ rng.normal(size=(12, 12)) + 50).astype(np.float32)
     ref = rng.normal(size=(400, 12)) * 3 + 49
-    mu_ref, sigma_ref = M.feature_statistics(ref)
-    expected = M.frechet_distance(*M.feature_statistics(feats), mu_ref, sigma_ref)
+    mu_ref, sigma_ref = metrics.feature_statistics(ref)
+    expected = metrics.frechet_distance(*metrics.feature_statistics(feats), mu_ref, sigma_ref)
     for k in (1, 3, 7):
         parts = [ES._moments(torch.from_numpy(feats[i::k])) for i in range(k)]
         assert ES.fid_from_shards(parts, mu_ref, sigma_ref) == pytest.approx(expected, rel=1e-10, abs=1e-10)
@@ -61,23 +60,23 @@ def test_shard_file_round_trip_identity_and_torn_files(tmp_path):
 
 
 def test_study_eval_inputs_name_the_key_and_path(tmp_path):
-    shapes = C.resolve("shapes", "tS", "sct").data
-    assert E.study_eval_inputs(shapes, {}) == {}  # the pipeline builds the shapes extractor
-    latent = C.resolve("imagenet512", "S", "sct").data
+    shapes = resolve("shapes", "tS", "sct").data
+    assert evaluate.study_eval_inputs(shapes, {}) == {}  # the pipeline builds the shapes extractor
+    latent = resolve("imagenet512", "S", "sct").data
     (tmp_path / "vae").mkdir()
     for f in ("inc.pt", "ref.pkl", "dino.pt"):
         (tmp_path / f).write_bytes(b"x")
     full = {"inception": str(tmp_path / "inc.pt"), "vae": str(tmp_path / "vae"), "ref_stats": str(tmp_path / "ref.pkl"),
             "fd_dinov2": True, "dinov2": str(tmp_path / "dino.pt")}
-    assert E.study_eval_inputs(latent, full) == {k: v for k, v in full.items() if k != "fd_dinov2"}
-    with pytest.raises(C.ConfigError, match=r"^eval.vae: not set \(imagenet512 generates latents"):
-        E.study_eval_inputs(latent, {**full, "vae": None})
-    with pytest.raises(C.ConfigError, match=rf"^eval.dinov2: {tmp_path}/nope.pt not found"):
-        E.study_eval_inputs(latent, {**full, "dinov2": str(tmp_path / "nope.pt")})
-    assert E.study_eval_inputs(latent, {**full, "fd_dinov2": False, "dinov2": None})
-    cifar = C.resolve("cifar10", "S", "sct").data
-    with pytest.raises(C.ConfigError, match="^eval.inception: not set"):
-        E.study_eval_inputs(cifar, {})
+    assert evaluate.study_eval_inputs(latent, full) == {k: v for k, v in full.items() if k != "fd_dinov2"}
+    with pytest.raises(ConfigError, match=r"^eval.vae: not set \(imagenet512 generates latents"):
+        evaluate.study_eval_inputs(latent, {**full, "vae": None})
+    with pytest.raises(ConfigError, match=rf"^eval.dinov2: {tmp_path}/nope.pt not found"):
+        evaluate.study_eval_inputs(latent, {**full, "dinov2": str(tmp_path / "nope.pt")})
+    assert evaluate.study_eval_inputs(latent, {**full, "fd_dinov2": False, "dinov2": None})
+    cifar = resolve("cifar10", "S", "sct").data
+    with pytest.raises(ConfigError, match="^eval.inception: not set"):
+        evaluate.study_eval_inputs(cifar, {})
 
 
 def test_eval_hours_gpu_and_cpu():

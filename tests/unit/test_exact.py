@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from scm import config as C
+from scm.config import ConfigError, from_dict, resolve
 from scm.exact import (
     ExactConsistencyNet,
     build_reference,
@@ -72,7 +72,7 @@ def test_exact_consistency_function_is_constant_along_the_ode(mix, ref):
 
 
 def test_exact_teacher_has_the_network_convention():
-    cfg = C.resolve("gmm", "tS", "scd", {"run.teacher_run_dir": "exact:data", "data.channels": 3})
+    cfg = resolve("gmm", "tS", "scd", {"run.teacher_run_dir": "exact:data", "data.channels": 3})
     teacher = exact_teacher("data", cfg, "cpu")
     mixture = mixture_of(cfg)
     g = torch.Generator().manual_seed(1)
@@ -84,7 +84,7 @@ def test_exact_teacher_has_the_network_convention():
     dxdt = ConsistencyLoss(cfg.loss, SD, teacher).teacher_velocity(x_t, t, None, None)
     want = mixture.velocity(x_t.double().flatten(1), t.double())
     assert torch.allclose(dxdt.double().flatten(1), want, atol=1e-5)
-    with pytest.raises(C.ConfigError, match="exact:bogus"):
+    with pytest.raises(ConfigError, match="exact:bogus"):
         exact_teacher("bogus", cfg, "cpu")
 
 
@@ -128,13 +128,13 @@ def test_image_structured_means_keep_the_data_scale():
     # the dataset draws from the same mixture, and a resolution the means cannot tile is a config error
     from scm.data import build_dataset
 
-    cfg = C.resolve("gmm", "tS", "scd", {"data.resolution": 8, "data.channels": 3, "data.gmm_mean_resolution": 1,
-                                         "network.channel_mult": [1], "network.attn_resolutions": [8]})
+    cfg = resolve("gmm", "tS", "scd", {"data.resolution": 8, "data.channels": 3, "data.gmm_mean_resolution": 1,
+                                       "network.channel_mult": [1], "network.attn_resolutions": [8]})
     ds = build_dataset(cfg.data, cfg.sigma_d)
     assert torch.equal(ds.mixture.means, mixture_of(cfg).means)
     assert torch.allclose(ds.means.reshape(8, 3, 64), ds.means.reshape(8, 3, 64)[..., :1].expand(8, 3, 64))
-    with pytest.raises(C.ConfigError, match="data.gmm_mean_resolution"):
-        C.resolve("gmm", "tS", "scd", {"data.gmm_mean_resolution": 3})
+    with pytest.raises(ConfigError, match="data.gmm_mean_resolution"):
+        resolve("gmm", "tS", "scd", {"data.gmm_mean_resolution": 3})
 
 
 def test_sliced_wasserstein_of_a_shift_and_of_a_permutation():
@@ -167,13 +167,13 @@ def test_study_grid_and_bad_input(tmp_path):
                          ("scd_exact", "tangent_norm_clip")]
     job = st.spec("job-scd_exact-tangent_norm_clip")
     assert [r["seed"] for r in job["runs"]] == [0, 1, 2]
-    cfg = C.from_dict(job["runs"][0]["config"])
+    cfg = from_dict(job["runs"][0]["config"])
     assert cfg.loss.tangent_norm == "clip" and cfg.optim.lr == 0.02 and cfg.run.teacher_run_dir == "exact:data"
-    learned = C.from_dict(st.spec("job-scd_learned-full")["runs"][1]["config"])
+    learned = from_dict(st.spec("job-scd_learned-full")["runs"][1]["config"])
     assert learned.run.teacher_run_dir.endswith("runs/teacher-tS-base-s0") and learned.run.seed == 1
-    with pytest.raises(C.ConfigError, match="exact.skip"):
+    with pytest.raises(ConfigError, match="exact.skip"):
         ExactStudy({**study, "exact": {"skip": {"nonexistent": "x"}}}, root=tmp_path)
-    with pytest.raises(C.ConfigError, match="no step"):
+    with pytest.raises(ConfigError, match="no step"):
         st.spec("job-sct-tangent_norm_clip")
 
 
@@ -195,7 +195,7 @@ def test_training_groups_cover_every_job_once(tmp_path):
     assert spec["jobs"][1] == st.job("scd_exact", "tangent_norm_rms")
     many = ExactStudy({**study, "exact": {"processes": 50}}, root=tmp_path).groups()
     assert sorted(j for g in many.values() for j in g) == sorted(st.jobs()) and all(len(g) == 1 for g in many.values())
-    with pytest.raises(C.ConfigError, match="exact.processes"):
+    with pytest.raises(ConfigError, match="exact.processes"):
         ExactStudy({**study, "exact": {"processes": 0}}, root=tmp_path)
 
 
@@ -216,7 +216,7 @@ def _study(tmp_path, seeds, total_kimg, batch):
     cfg["exact"]["curve_points"] = 2
     st = ExactStudy(cfg, root=ROOT)
     spec = st.reference_spec()
-    ref = build_reference(mixture_of(C.from_dict(st.job("scd_exact", "full")["runs"][0]["config"])), 256,
+    ref = build_reference(mixture_of(from_dict(st.job("scd_exact", "full")["runs"][0]["config"])), 256,
                           spec["times"], seed=0, ode_steps=200)
     return st, ref
 
@@ -243,7 +243,7 @@ def test_short_scd_run_beats_one_euler_step_by_far(tmp_path):
     from scm.exact_study import run_job
 
     st, ref = _study(tmp_path, [0], total_kimg=6.4, batch=32)
-    mixture = mixture_of(C.from_dict(st.job("scd_exact", "full")["runs"][0]["config"]))
+    mixture = mixture_of(from_dict(st.job("scd_exact", "full")["runs"][0]["config"]))
     fl = floors(mixture, ref)
     err = run_job(st.job("scd_exact", "full"), ref)["runs"][0]["metrics"]["err_T"]
     assert fl["err_euler"] > 5 and err < 0.75 * fl["err_euler"] and err < 0.75 * fl["err_mean"], (err, fl)

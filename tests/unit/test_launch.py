@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scm import config as C
+from scm.config import Config, ConfigError, resolve_from_dict, to_dict
 from scm.launch import ClusterProfile, get_profile, launch, load_profiles, sbatch_script
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,9 +85,9 @@ def test_submitting_to_slurm_without_slurm_is_one_clear_error(no_slurm, tmp_path
 def test_profiles_reject_unknown_keys(tmp_path):
     bad = tmp_path / "clusters.yaml"
     bad.write_text("mine:\n  partition: gpu\n  gpus: 4\n")
-    with pytest.raises(C.ConfigError, match=r"clusters.yaml: profile 'mine' has unknown keys \['gpus'\]"):
+    with pytest.raises(ConfigError, match=r"clusters.yaml: profile 'mine' has unknown keys \['gpus'\]"):
         load_profiles(bad)
-    with pytest.raises(C.ConfigError, match="no cluster profile 'nope'"):
+    with pytest.raises(ConfigError, match="no cluster profile 'nope'"):
         get_profile(ROOT / "config" / "clusters.yaml", "nope")
 
 
@@ -106,11 +106,11 @@ def test_local_timeout_checkpoints_requeues_and_completes(tmp_path):
     from scm.checkpoint import list_checkpoints, read_status
     from scm.launch import submit, wait
 
-    cfg = C.resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "sct", "data": {"num_images": 256},
-                               "network": {"model_channels": 8, "num_blocks": 1, "channel_mult": [1, 2],
-                                           "attn_resolutions": [8]},
-                               "run": {"batch_size": 16, "total_kimg": 0.64, "checkpoint_kimg": 0.16,
-                                       "log_kimg": 0.16}})
+    cfg = resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "sct", "data": {"num_images": 256},
+                             "network": {"model_channels": 8, "num_blocks": 1, "channel_mult": [1, 2],
+                                         "attn_resolutions": [8]},
+                             "run": {"batch_size": 16, "total_kimg": 0.64, "checkpoint_kimg": 0.16,
+                                     "log_kimg": 0.16}})
     # The USR2 that SLURM/submitit send before a time limit, sent by the test at a chosen point (the
     # first periodic checkpoint), not by a clock: independent of the machine's speed. The trainer is
     # stopped while the signal is queued so that it cannot finish first.
@@ -134,9 +134,9 @@ def test_local_timeout_checkpoints_requeues_and_completes(tmp_path):
 @pytest.mark.slow
 def test_data_parallel_over_two_local_tasks(tmp_path):
     # Two tasks: torch.distributed (gloo) from submitit's job environment, DDP, each rank half the batch.
-    cfg = C.resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "sct",
-                               "data": {"num_images": 256}, "network": {"model_channels": 8},
-                               "run": {"batch_size": 16, "total_kimg": 0.32, "log_kimg": 0.16}})
+    cfg = resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "sct",
+                             "data": {"num_images": 256}, "network": {"model_channels": 8},
+                             "run": {"batch_size": 16, "total_kimg": 0.32, "log_kimg": 0.16}})
     status = launch(cfg, tmp_path, "local", ClusterProfile(tasks_per_node=2, time_min=5), poll_s=0.5)
     assert status["state"] == "completed" and status["step"] == 20
     logs = {p.name: p.read_text() for p in tmp_path.glob("jobs/*/*_log.err")}
@@ -144,7 +144,7 @@ def test_data_parallel_over_two_local_tasks(tmp_path):
     assert "world size 2" in "\n".join(logs.values())
 
 
-def _fake_teacher(teacher_dir: Path, cfg: C.Config, payload: bytes) -> None:
+def _fake_teacher(teacher_dir: Path, cfg: Config, payload: bytes) -> None:
     """A teacher run that looks finished: config, status 'completed', a final.pt with a valid header."""
     import hashlib
 
@@ -152,7 +152,7 @@ def _fake_teacher(teacher_dir: Path, cfg: C.Config, payload: bytes) -> None:
     from scm.fileio import atomic_write_json
 
     teacher_dir.mkdir(parents=True)
-    atomic_write_json(teacher_dir / "config.json", C.to_dict(cfg))
+    atomic_write_json(teacher_dir / "config.json", to_dict(cfg))
     (teacher_dir / "final.pt").write_bytes(MAGIC + hashlib.sha256(b"the real payload").digest() + payload)
     write_status(teacher_dir, "completed", step=8)
 
@@ -160,8 +160,8 @@ def _fake_teacher(teacher_dir: Path, cfg: C.Config, payload: bytes) -> None:
 def test_scd_without_a_finished_teacher_fails_before_submitting(tmp_path):
     from scm.train import TeacherNotReadyError
 
-    cfg = C.resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "scd",
-                               "run": {"teacher_run_dir": str(tmp_path / "no-teacher")}})
+    cfg = resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "scd",
+                             "run": {"teacher_run_dir": str(tmp_path / "no-teacher")}})
     with pytest.raises(TeacherNotReadyError, match="teacher .*no-teacher not found"):
         launch(cfg, tmp_path / "run", "local", ClusterProfile(time_min=5), poll_s=0.5)
     assert not (tmp_path / "run").exists()
@@ -173,10 +173,10 @@ def test_failed_job_error_carries_the_log_tail(tmp_path):
     # and the waiting side shows the job's last log lines
     from scm.launch import LaunchError
 
-    teacher = C.resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "teacher"})
+    teacher = resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "teacher"})
     _fake_teacher(tmp_path / "teacher", teacher, b"not the payload")
-    cfg = C.resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "scd",
-                               "run": {"teacher_run_dir": str(tmp_path / "teacher")}})
+    cfg = resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "scd",
+                             "run": {"teacher_run_dir": str(tmp_path / "teacher")}})
     with pytest.raises(LaunchError) as err:
         launch(cfg, tmp_path / "run", "local", ClusterProfile(time_min=5), poll_s=0.5)
     text = str(err.value)

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from scm import calibration as CAL
-from scm import extractors
-from scm import metrics as M
+from scm import extractors, metrics
 from scm.fileio import file_fingerprint
 from scm.shapes import SHAPES_VERSIONS, generate_shapes
 
@@ -35,7 +34,7 @@ def real():
 
 
 def _ref(images, weights, cache, **kw):
-    return M.make_reference("shapes", images, weights_path=weights, cache_dir=cache, **kw)
+    return metrics.make_reference("shapes", images, weights_path=weights, cache_dir=cache, **kw)
 
 
 # ----------------------------------------------------------------------------
@@ -48,25 +47,25 @@ def test_frechet_distance_closed_form():
     mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
     v1, v2 = rng.uniform(0.1, 2, 5), rng.uniform(0.1, 2, 5)
     want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
-    assert M.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(want, rel=1e-12)
+    assert metrics.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(want, rel=1e-12)
     # Full covariances: symmetric, zero on identical inputs, invariant under a common rotation.
     a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
     s1, s2 = a @ a.T, b @ b.T
     q = np.linalg.qr(rng.normal(size=(6, 6)))[0]
-    d = M.frechet_distance(mu1[:1].repeat(6), s1, mu2[:1].repeat(6), s2)
-    assert d == pytest.approx(M.frechet_distance(mu2[:1].repeat(6), s2, mu1[:1].repeat(6), s1), rel=1e-9)
-    assert d == pytest.approx(M.frechet_distance(q @ mu1[:1].repeat(6), q @ s1 @ q.T,
-                                                 q @ mu2[:1].repeat(6), q @ s2 @ q.T), rel=1e-9)
-    assert abs(M.frechet_distance(mu1[:1].repeat(6), s1, mu1[:1].repeat(6), s1)) < 1e-9 * np.trace(s1)
+    d = metrics.frechet_distance(mu1[:1].repeat(6), s1, mu2[:1].repeat(6), s2)
+    assert d == pytest.approx(metrics.frechet_distance(mu2[:1].repeat(6), s2, mu1[:1].repeat(6), s1), rel=1e-9)
+    assert d == pytest.approx(metrics.frechet_distance(q @ mu1[:1].repeat(6), q @ s1 @ q.T,
+                                                       q @ mu2[:1].repeat(6), q @ s2 @ q.T), rel=1e-9)
+    assert abs(metrics.frechet_distance(mu1[:1].repeat(6), s1, mu1[:1].repeat(6), s1)) < 1e-9 * np.trace(s1)
     with pytest.raises(ValueError, match="shapes differ"):
-        M.frechet_distance(mu1, np.diag(v1), mu2[:4], np.diag(v2[:4]))
+        metrics.frechet_distance(mu1, np.diag(v1), mu2[:4], np.diag(v2[:4]))
 
 
 def test_summarize():
-    s = M.summarize([3.0, 1.0, 2.0])
+    s = metrics.summarize([3.0, 1.0, 2.0])
     assert s == {"min": 1.0, "max": 3.0, "mean": 2.0, "sd": pytest.approx(1.0)}
-    assert M.summarize([4.0]) == {"min": 4.0, "max": 4.0, "mean": 4.0, "sd": None}
-    assert M.summarize([None]) == {"min": None, "max": None, "mean": None, "sd": None}
+    assert metrics.summarize([4.0]) == {"min": 4.0, "max": 4.0, "mean": 4.0, "sd": None}
+    assert metrics.summarize([None]) == {"min": None, "max": None, "mean": None, "sd": None}
 
 
 # ----------------------------------------------------------------------------
@@ -96,10 +95,10 @@ def test_shapes_extractor_artifact_and_uint8_input(fast_extractor):
 
 
 def test_fid_of_shapes_against_itself_and_noise(fast_extractor, real, tmp_path):
-    same = M.compute_metrics(real, _ref(real, fast_extractor, tmp_path), kid_subsets=10)
-    halves = M.compute_metrics(real[512:], _ref(real[:512], fast_extractor, tmp_path), kid_subsets=10)
+    same = metrics.compute_metrics(real, _ref(real, fast_extractor, tmp_path), kid_subsets=10)
+    halves = metrics.compute_metrics(real[512:], _ref(real[:512], fast_extractor, tmp_path), kid_subsets=10)
     noise = torch.randint(0, 256, real.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    far = M.compute_metrics(noise, _ref(real, fast_extractor, tmp_path), kid_subsets=10)
+    far = metrics.compute_metrics(noise, _ref(real, fast_extractor, tmp_path), kid_subsets=10)
     assert abs(same["fid"]) < 1e-4 and same["precision"] == 1.0 and same["recall"] == 1.0
     assert 0 < halves["fid"] < 0.05 * far["fid"]
     # Noise images look alike to the network (their features bunch up), so precision need not be 0; recall is.
@@ -111,15 +110,15 @@ def test_calculate_metrics_fid_equals_float64_fd_of_same_features(fast_extractor
     gen = torch.from_numpy(generate_shapes(512, seed=3)[0])
     gen = F.avg_pool2d(gen.float(), 3, 1, 1).round().to(torch.uint8)
     ref = _ref(real, fast_extractor, tmp_path)
-    main = M.compute_metrics(gen, ref, kid=False, prc=False)["fid"]
+    main = metrics.compute_metrics(gen, ref, kid=False, prc=False)["fid"]
     # Direct: our extractor's features of both sets, statistics and FD in float64.
-    direct = M.frechet_distance(*M.feature_statistics(M.extract_features(gen, ref)),
-                                *M.feature_statistics(M.extract_features(real, ref)))
+    direct = metrics.frechet_distance(*metrics.feature_statistics(metrics.extract_features(gen, ref)),
+                                      *metrics.feature_statistics(metrics.extract_features(real, ref)))
     assert main > 1 and main == pytest.approx(direct, rel=1e-3)
     # The cached .npz path (imported statistics, FD computed here) agrees too.
-    mu, sigma, path = M.reference_stats(ref)
+    mu, sigma, path = metrics.reference_stats(ref)
     assert path.name == f"{ref.name}.npz" and path.parent == tmp_path
-    cached = M.compute_metrics(gen, _ref(None, fast_extractor, tmp_path, stats_path=path))
+    cached = metrics.compute_metrics(gen, _ref(None, fast_extractor, tmp_path, stats_path=path))
     assert cached["fid"] == pytest.approx(main, rel=1e-3) and cached["kid"] is None
 
 
@@ -144,28 +143,28 @@ def test_ref_stats_npz_round_trip_and_edm2_pkl(tmp_path):
     rng = np.random.default_rng(1)
     mu, a = rng.normal(size=7), rng.normal(size=(7, 7))
     sigma = a @ a.T
-    path = M.save_ref_stats(tmp_path / "ref.npz", mu, sigma, {"dataset": "x"})
-    mu2, sigma2, meta = M.load_ref_stats(path)
+    path = metrics.save_ref_stats(tmp_path / "ref.npz", mu, sigma, {"dataset": "x"})
+    mu2, sigma2, meta = metrics.load_ref_stats(path)
     assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2) and meta == {"dataset": "x"}
     with np.load(path) as z:  # EDM's reader: plain mu/sigma arrays, float64
         assert z["mu"].dtype == np.float64 and z["sigma"].shape == (7, 7)
     # An EDM-written file (mu, sigma only) and an EDM2 pickle import as well.
     np.savez(tmp_path / "edm.npz", mu=mu.astype(np.float32), sigma=sigma)
-    assert np.allclose(M.load_ref_stats(tmp_path / "edm.npz")[0], mu, atol=1e-6)
+    assert np.allclose(metrics.load_ref_stats(tmp_path / "edm.npz")[0], mu, atol=1e-6)
     with open(tmp_path / "edm2.pkl", "wb") as f:
         pickle.dump({"fid": {"mu": mu, "sigma": sigma}, "fd_dinov2": {"mu": -mu, "sigma": sigma}}, f)
-    assert np.array_equal(M.load_ref_stats(tmp_path / "edm2.pkl", "fd_dinov2")[0], -mu)
+    assert np.array_equal(metrics.load_ref_stats(tmp_path / "edm2.pkl", "fd_dinov2")[0], -mu)
     with pytest.raises(FileNotFoundError):
-        M.load_ref_stats(tmp_path / "missing.npz")
+        metrics.load_ref_stats(tmp_path / "missing.npz")
 
 
 def test_missing_weights_say_how_to_fetch(real, tmp_path):
     with pytest.raises(extractors.WeightsMissingError, match="fetch-weights inception"):
-        M.make_reference("cifar10", real, weights_path=tmp_path / "nope.pth", cache_dir=tmp_path)
+        metrics.make_reference("cifar10", real, weights_path=tmp_path / "nope.pth", cache_dir=tmp_path)
     with pytest.raises(extractors.WeightsMissingError, match="fetch-weights dinov2"):
-        M.make_reference("shapes", real, extractors.DINOV2_EXTRACTOR, None, tmp_path)
-    with pytest.raises(M.NoReferenceError, match="--ref-stats"):
-        M.make_reference("imagenet512", None, weights_path=tmp_path / "x", cache_dir=tmp_path)
+        metrics.make_reference("shapes", real, extractors.DINOV2_EXTRACTOR, None, tmp_path)
+    with pytest.raises(metrics.NoReferenceError, match="--ref-stats"):
+        metrics.make_reference("imagenet512", None, weights_path=tmp_path / "x", cache_dir=tmp_path)
 
 
 # ----------------------------------------------------------------------------
@@ -217,10 +216,10 @@ def test_dinov2_extractor_resizes_and_normalizes(standin_file):
 
 
 def test_fd_dinov2_through_calculate_metrics(standin_file, real, tmp_path):
-    ref = M.make_reference("shapes", real[:128], extractors.DINOV2_EXTRACTOR, standin_file, tmp_path)
+    ref = metrics.make_reference("shapes", real[:128], extractors.DINOV2_EXTRACTOR, standin_file, tmp_path)
     assert ref.name.startswith(f"shapes-{extractors.DINOV2_EXTRACTOR}-")
-    same = M.compute_metrics(real[:128], ref, kid=False, prc=False)["fid"]
-    dark = M.compute_metrics(real[128:256] // 2, ref, kid=False, prc=False)["fid"]
+    same = metrics.compute_metrics(real[:128], ref, kid=False, prc=False)["fid"]
+    dark = metrics.compute_metrics(real[128:256] // 2, ref, kid=False, prc=False)["fid"]
     assert abs(same) < 1e-6 and dark > 0.1
 
 
@@ -250,10 +249,10 @@ def test_extractor_per_renderer_version(version, tmp_path):
     with pytest.raises(ValueError, match=f"trained on data.shapes_version {version}"):
         extractors.load_shapes_extractor(path, version + 1)
     real = torch.from_numpy(generate_shapes(32, version=version)[0])
-    ref = M.make_reference("shapes", real, weights_path=path, cache_dir=tmp_path, shapes_version=version)
+    ref = metrics.make_reference("shapes", real, weights_path=path, cache_dir=tmp_path, shapes_version=version)
     assert ref.name.startswith(f"shapes-data{version}-{extractors.SHAPES_EXTRACTOR}-")
     with pytest.raises(ValueError, match="--extractor-weights"):  # an extractor of another renderer
-        M.make_reference("shapes", real, weights_path=path, cache_dir=tmp_path, shapes_version=version + 1)
+        metrics.make_reference("shapes", real, weights_path=path, cache_dir=tmp_path, shapes_version=version + 1)
 
 
 # ----------------------------------------------------------------------------
@@ -264,19 +263,19 @@ def test_class_accuracy_is_one_on_real_images_and_chance_on_noise(fast_extractor
     # Real images of a seed no extractor or reference saw, with the labels they were drawn with.
     x, y = (torch.from_numpy(a) for a in generate_shapes(2048, seed=77))
     ref = _ref(x[:64], fast_extractor, tmp_path)
-    assert M.class_accuracy(x, y, ref) >= 0.98
+    assert metrics.class_accuracy(x, y, ref) >= 0.98
     # Uniform noise against uniform labels: Binomial(2048, 1/8) / 2048 whatever the classifier says.
     noise = torch.randint(0, 256, x.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 8, (2048,), generator=torch.Generator().manual_seed(2))
-    assert abs(M.class_accuracy(noise, labels, ref) - 1 / 8) < 4 * math.sqrt(1 / 8 * 7 / 8 / 2048)
+    assert abs(metrics.class_accuracy(noise, labels, ref) - 1 / 8) < 4 * math.sqrt(1 / 8 * 7 / 8 / 2048)
     # compute_metrics reports it (and FJD) only when given the conditioning labels.
-    m = M.compute_metrics(x[:256], M.make_reference("shapes", x[256:], weights_path=fast_extractor,
-                                                    cache_dir=tmp_path, labels=y[256:]),
-                          kid=False, prc=False, labels=y[:256])
-    assert m["class_accuracy"] == pytest.approx(float((M.extract_features(x[:256], ref, layer="logits")
+    m = metrics.compute_metrics(x[:256], metrics.make_reference("shapes", x[256:], weights_path=fast_extractor,
+                                                                cache_dir=tmp_path, labels=y[256:]),
+                                kid=False, prc=False, labels=y[:256])
+    assert m["class_accuracy"] == pytest.approx(float((metrics.extract_features(x[:256], ref, layer="logits")
                                                        .argmax(1) == y[:256]).double().mean()))
     assert m["fjd"] >= m["fid"] - 1e-6
-    assert M.compute_metrics(x[:256], ref, kid=False, prc=False)["class_accuracy"] is None
+    assert metrics.compute_metrics(x[:256], ref, kid=False, prc=False)["class_accuracy"] is None
 
 
 def test_frechet_joint_distance_bounds_and_label_swaps():
@@ -288,14 +287,14 @@ def test_frechet_joint_distance_bounds_and_label_swaps():
     y2 = torch.from_numpy(rng.integers(0, k, n))
     f2 = centres[y2.numpy()] + rng.normal(size=(n, d))
     alpha = math.sqrt((f2**2).sum(1).mean())
-    same = M.frechet_joint_distance(f, y, f2, y2, k)
-    swapped = M.frechet_joint_distance(f, (y + 1) % k, f2, y2, k)
+    same = metrics.frechet_joint_distance(f, y, f2, y2, k)
+    swapped = metrics.frechet_joint_distance(f, (y + 1) % k, f2, y2, k)
     # Projections do not increase the 2-Wasserstein distance of Gaussians: FJD >= FD of either marginal.
-    fd = M.frechet_distance(*M.feature_statistics(f), *M.feature_statistics(f2))
+    fd = metrics.frechet_distance(*metrics.feature_statistics(f), *metrics.feature_statistics(f2))
     assert same >= fd - 1e-9 and swapped >= fd - 1e-9
     # The marginals are equal up to sampling either way; only the pairing differs.
     assert same < 0.5 and swapped > 20 * same and swapped > 1
-    assert abs(M.frechet_joint_distance(f2, y2, f2, y2, k)) < 1e-6 * alpha**2
+    assert abs(metrics.frechet_joint_distance(f2, y2, f2, y2, k)) < 1e-6 * alpha**2
 
 
 # ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from scm import config as C
+from scm.config import ConfigError, config_hash, resolve_from_dict
 from scm.study import Study, load_ablation, parse_run_id
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -17,7 +17,7 @@ def test_run_ids_round_trip_and_reject_garbage():
     run = parse_run_id("sct-tS-tangent_warmup_off-s1")
     assert (run.method, run.size, run.ablation, run.seed) == ("sct", "tS", "tangent_warmup_off", 1)
     assert run.run_id == "sct-tS-tangent_warmup_off-s1"
-    with pytest.raises(C.ConfigError, match="method-size-ablation-sSEED"):
+    with pytest.raises(ConfigError, match="method-size-ablation-sSEED"):
         parse_run_id("sct_tS_base_0")
 
 
@@ -55,7 +55,7 @@ def test_overrides_order_and_teacher():
     scd = s.config("scd-tM-base-s0")
     assert scd.run.teacher_run_dir == "results/runs/teacher-tM-base-s0"
     # the file written for `scm train --config` resolves to the same config
-    assert C.config_hash(C.resolve_from_dict(s.config_dict("scd-tM-base-s0"))) == C.config_hash(scd)
+    assert config_hash(resolve_from_dict(s.config_dict("scd-tM-base-s0"))) == config_hash(scd)
 
 
 def test_scd_ablations_of_the_network_get_their_own_teacher():
@@ -73,9 +73,9 @@ def test_every_ablation_file_only_overrides_known_fields(tmp_path):
         assert load_ablation(path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss:\n  tangent_normalisation: none\n")
-    with pytest.raises(C.ConfigError, match="bad.yaml: unknown config key 'loss.tangent_normalisation'"):
+    with pytest.raises(ConfigError, match="bad.yaml: unknown config key 'loss.tangent_normalisation'"):
         load_ablation(bad)
-    with pytest.raises(C.ConfigError, match="ablations.names: 'nope' has no file"):
+    with pytest.raises(ConfigError, match="ablations.names: 'nope' has no file"):
         study(ablations={"names": ["nope"]})
 
 

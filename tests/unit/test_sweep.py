@@ -24,9 +24,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from scm import config as C
-from scm import sweep as S
-from scm import sweep_spec
+from scm import sweep, sweep_spec
+from scm.config import ConfigError, config_hash, flatten, resolve
 from scm.train import DivergedError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +83,7 @@ def calls(log_dir) -> list[tuple[int, int]]:
 
 
 def study_of(spec, out):
-    return optuna.load_study(study_name=spec.name, storage=S.make_storage(S.resolve_storage(spec, out), spec))
+    return optuna.load_study(study_name=spec.name, storage=sweep.make_storage(sweep.resolve_storage(spec, out), spec))
 
 
 # ----------------------------------------------------------------------------
@@ -98,7 +97,7 @@ def test_default_study_file_resolves():
     assert cfg.run.eval_kimg > 0 and cfg.run.threads == 1
     assert {"optim.lr", "loss.P_mean", "loss.P_std", "loss.warmup_iters", "loss.tangent_norm_c",
             "ema.sigma_rel"} <= set(spec.space)
-    assert S.make_sampler(spec).__class__.__name__ == "TPESampler"
+    assert sweep.make_sampler(spec).__class__.__name__ == "TPESampler"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -118,10 +117,10 @@ def test_default_study_file_resolves():
 ])
 def test_bad_study_files_name_the_key(change, message):
     if message is None:  # an option the Optuna class does not take: reported when it is built
-        with pytest.raises(C.ConfigError, match="pruner.options"):
-            S.make_pruner(cheap_spec(**change))
+        with pytest.raises(ConfigError, match="pruner.options"):
+            sweep.make_pruner(cheap_spec(**change))
         return
-    with pytest.raises(C.ConfigError) as e:
+    with pytest.raises(ConfigError) as e:
         cheap_spec(**change)
     assert message in str(e.value)
 
@@ -140,9 +139,9 @@ def test_samplers_needing_extras_say_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("cmaes", "scipy")
                         else real(name, *a))
     with pytest.raises(ImportError, match=r"pip install 'scm-bench\[sweeps\]' \(or pip install cmaes\)"):
-        S.make_sampler(cheap_spec(sampler={"name": "cmaes"}))
+        sweep.make_sampler(cheap_spec(sampler={"name": "cmaes"}))
     with pytest.raises(ImportError, match="pip install scipy"):
-        S.make_sampler(cheap_spec(sampler={"name": "gp"}))
+        sweep.make_sampler(cheap_spec(sampler={"name": "gp"}))
 
 
 BASE_OVERRIDES = {"network": {"model_channels": 8}, "run": {"batch_size": 32, "total_kimg": 2.0, "threads": 1},
@@ -160,23 +159,23 @@ def test_best_yaml_reproduces_the_best_trials_config(tmp_path, monkeypatch, meth
     base = {"dataset": "shapes", "size": "tS", "method": method, "overrides": BASE_OVERRIDES,
             "teacher_run_dir": "teacher" if method == "scd" else ""}
     spec = cheap_spec(n_trials=2, base=base)
-    S.run_sweep(spec, tmp_path / "out", launcher="debug", objective=Quadratic(tmp_path))
+    sweep.run_sweep(spec, tmp_path / "out", launcher="debug", objective=Quadratic(tmp_path))
     best = study_of(spec, tmp_path / "out").best_trial
     path = tmp_path / "out" / "best.yaml"
     assert path.read_text().startswith("#") and f"trial {best.number}:" in path.read_text()
 
     # The reference: the config the trial trained with, resolved here from what the test declared.
     teacher = {"run.teacher_run_dir": str(tmp_path / "teacher")} if method == "scd" else {}
-    trial_cfg = C.resolve("shapes", "tS", method, {**C.flatten(BASE_OVERRIDES), **teacher, **best.params})
+    trial_cfg = resolve("shapes", "tS", method, {**flatten(BASE_OVERRIDES), **teacher, **best.params})
     assert trial_cfg.network.model_channels == 8 and trial_cfg.optim.lr == best.params["optim.lr"]
     # what a trial trains
-    trained = sweep_spec.base_config(S.TrainingObjective(spec, tmp_path / "out").spec, best.params)
-    assert C.config_hash(trained) == C.config_hash(trial_cfg)
+    trained = sweep_spec.base_config(sweep.TrainingObjective(spec, tmp_path / "out").spec, best.params)
+    assert config_hash(trained) == config_hash(trial_cfg)
     minimal = tmp_path / "run.yaml"
     minimal.write_text(yaml.safe_dump({"dataset": "shapes", "size": "tS", "method": method}))
     for cfg in (load_config(str(minimal), [str(path)], []), load_config(str(path), [], [])):
-        assert C.config_hash(cfg) == C.config_hash(trial_cfg)
-    assert f"config hash {C.config_hash(trial_cfg)}" in path.read_text()
+        assert config_hash(cfg) == config_hash(trial_cfg)
+    assert f"config hash {config_hash(trial_cfg)}" in path.read_text()
 
 
 # ----------------------------------------------------------------------------
@@ -203,28 +202,28 @@ def test_three_local_workers_share_one_journal(tmp_path, monkeypatch):
     # submitit's worker processes unpickle Quadratic from this module: put it on their path.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     spec = cheap_spec(n_trials=12)
-    summary = S.run_sweep(spec, tmp_path / "out", workers=3, launcher="local", objective=Quadratic(tmp_path, 0.1))
+    summary = sweep.run_sweep(spec, tmp_path / "out", workers=3, launcher="local", objective=Quadratic(tmp_path, 0.1))
     assert summary["worker_errors"] == [] and summary["complete"] >= 12
     assert len(list((tmp_path / "out" / "workers").glob("*/*_log.err"))) == 3
     _check_concurrent_run(spec, tmp_path / "out", tmp_path, 3)
     # Run again: the budget is spent, no worker starts and nothing changes.
-    again = S.run_sweep(spec, tmp_path / "out", workers=3, launcher="local", objective=Quadratic(tmp_path, 0.1))
+    again = sweep.run_sweep(spec, tmp_path / "out", workers=3, launcher="local", objective=Quadratic(tmp_path, 0.1))
     assert again["trials"] == summary["trials"] and len(calls(tmp_path)) == summary["trials"]
 
 
 def test_spawned_workers_on_one_journal(tmp_path):
     # The worker entry point itself, three processes started together (no coordinator in between).
     spec = cheap_spec(n_trials=9)
-    storage = S.resolve_storage(spec, tmp_path)
-    S.open_study(spec, storage)
+    storage = sweep.resolve_storage(spec, tmp_path)
+    sweep.open_study(spec, storage)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=S.run_worker, args=(spec, storage, Quadratic(tmp_path, 0.05), i)) for i in range(3)]
+    procs = [ctx.Process(target=sweep.run_worker, args=(spec, storage, Quadratic(tmp_path, 0.05), i)) for i in range(3)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
-    S.write_outputs(study_of(spec, tmp_path), spec, tmp_path, tmp_path / "figures")
+    sweep.write_outputs(study_of(spec, tmp_path), spec, tmp_path, tmp_path / "figures")
     _check_concurrent_run(spec, tmp_path, tmp_path, 3)
 
 
@@ -234,10 +233,10 @@ def test_spawned_workers_on_one_journal(tmp_path):
 
 def test_killed_worker_leaves_running_trial_restart_fails_it_and_finishes(tmp_path):
     spec = cheap_spec(n_trials=5)
-    storage = S.resolve_storage(spec, tmp_path)
-    S.open_study(spec, storage)
+    storage = sweep.resolve_storage(spec, tmp_path)
+    sweep.open_study(spec, storage)
     proc = multiprocessing.get_context("spawn").Process(
-        target=S.run_worker, args=(spec, storage, Quadratic(tmp_path, hang_on=2), 0))
+        target=sweep.run_worker, args=(spec, storage, Quadratic(tmp_path, hang_on=2), 0))
     proc.start()
     deadline = time.time() + 60
     while not (tmp_path / "hanging").exists() and time.time() < deadline and proc.is_alive():
@@ -247,7 +246,7 @@ def test_killed_worker_leaves_running_trial_restart_fails_it_and_finishes(tmp_pa
     stale = study_of(spec, tmp_path).trials[2]
     assert stale.state == TrialState.RUNNING
 
-    summary = S.run_sweep(spec, tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    summary = sweep.run_sweep(spec, tmp_path, launcher="debug", objective=Quadratic(tmp_path))
     trials = study_of(spec, tmp_path).trials
     assert len(trials) == 5 and summary["trials"] == 5
     assert trials[2].state == TrialState.FAIL and trials[2].user_attrs["reason"] == "stale after restart"
@@ -260,7 +259,7 @@ def test_killed_worker_leaves_running_trial_restart_fails_it_and_finishes(tmp_pa
 
 
 def _no_figures(monkeypatch):
-    monkeypatch.setattr(S, "write_figures", lambda study, out_dir: [])  # matplotlib takes seconds
+    monkeypatch.setattr(sweep, "write_figures", lambda study, out_dir: [])  # matplotlib takes seconds
 
 
 def _journal_records(path) -> list[dict]:
@@ -272,7 +271,7 @@ def _journal_records(path) -> list[dict]:
 
 def test_torn_journal_is_repaired_with_a_backup_and_the_study_continues(tmp_path, monkeypatch, caplog):
     _no_figures(monkeypatch)
-    S.run_sweep(cheap_spec(n_trials=3), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    sweep.run_sweep(cheap_spec(n_trials=3), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
     journal = tmp_path / "journal.log"
     before = study_of(cheap_spec(), tmp_path).trials
     data = journal.read_bytes()
@@ -280,7 +279,7 @@ def test_torn_journal_is_repaired_with_a_backup_and_the_study_continues(tmp_path
     torn = data[:len(data) - len(last) // 2 - 1]
     journal.write_bytes(torn)
 
-    summary = S.run_sweep(cheap_spec(n_trials=5), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    summary = sweep.run_sweep(cheap_spec(n_trials=5), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
     assert summary["trials"] == 5 and summary["complete"] >= 4
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "repaired" in r.getMessage()]
     kept = len(last) - len(last) // 2
@@ -291,7 +290,7 @@ def test_torn_journal_is_repaired_with_a_backup_and_the_study_continues(tmp_path
     assert [(t.params, t.value) for t in after[:2]] == [(t.params, t.value) for t in before[:2]]  # kept
     # Every line is a record again: Optuna reads the whole file, and a third run finds nothing to repair.
     assert len(_journal_records(journal)) == len(journal.read_bytes().splitlines())
-    S.run_sweep(cheap_spec(n_trials=5), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    sweep.run_sweep(cheap_spec(n_trials=5), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
     assert len(list(tmp_path.glob("journal.log.*.bak"))) == 1
 
 
@@ -300,7 +299,7 @@ def test_journal_damaged_by_an_append_after_a_torn_record_is_recovered(tmp_path,
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     _no_figures(monkeypatch)
-    S.run_sweep(cheap_spec(n_trials=2), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    sweep.run_sweep(cheap_spec(n_trials=2), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
     journal = tmp_path / "journal.log"
     journal.write_bytes(journal.read_bytes() + b'{"op_code":5,"worker_id":"dead","trial_id":1,"par')
     raw = optuna.load_study(study_name="cheap", storage=JournalStorage(JournalFileBackend(str(journal))))
@@ -308,7 +307,7 @@ def test_journal_damaged_by_an_append_after_a_torn_record_is_recovered(tmp_path,
     with pytest.raises(ValueError):
         raw.set_user_attr("second", 2)  # written, then Optuna cannot read the file back
 
-    S.run_sweep(cheap_spec(n_trials=3), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    sweep.run_sweep(cheap_spec(n_trials=3), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
     study = study_of(cheap_spec(), tmp_path)
     assert study.user_attrs["first"] == 1 and study.user_attrs["second"] == 2
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
@@ -317,13 +316,13 @@ def test_journal_damaged_by_an_append_after_a_torn_record_is_recovered(tmp_path,
 @pytest.mark.parametrize("damage", ["garbage line", "not a journal"])
 def test_unreadable_journal_is_one_line_naming_the_file(tmp_path, monkeypatch, damage):
     _no_figures(monkeypatch)
-    S.run_sweep(cheap_spec(n_trials=1), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    sweep.run_sweep(cheap_spec(n_trials=1), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
     journal = tmp_path / "journal.log"
     lines = journal.read_bytes().splitlines(keepends=True)
     bad = b"".join(lines[:1] + [b"#%$ not json\n"] + lines[1:]) if damage == "garbage line" else b"hello\n"
     journal.write_bytes(bad)
-    with pytest.raises(S.SweepError) as e:
-        S.run_sweep(cheap_spec(n_trials=2), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    with pytest.raises(sweep.SweepError) as e:
+        sweep.run_sweep(cheap_spec(n_trials=2), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
     assert str(journal) in str(e.value) and "\n" not in str(e.value)
     assert ("line 2" if damage == "garbage line" else "line 1") in str(e.value)
     assert journal.read_bytes() == bad and not list(tmp_path.glob("journal.log.*.bak"))  # left as it was
@@ -332,18 +331,18 @@ def test_unreadable_journal_is_one_line_naming_the_file(tmp_path, monkeypatch, d
 @pytest.mark.parametrize("how", ["emptied", "deleted"])
 def test_journal_without_the_study_next_to_earlier_outputs_is_refused(tmp_path, monkeypatch, how):
     _no_figures(monkeypatch)
-    S.run_sweep(cheap_spec(n_trials=2), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    sweep.run_sweep(cheap_spec(n_trials=2), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
     journal, csv = tmp_path / "journal.log", tmp_path / "trials.csv"
     old_csv, old_best = csv.read_text(), (tmp_path / "best.yaml").read_text()
     journal.write_bytes(b"") if how == "emptied" else journal.unlink()
-    with pytest.raises(S.SweepError) as e:
-        S.run_sweep(cheap_spec(n_trials=2), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    with pytest.raises(sweep.SweepError) as e:
+        sweep.run_sweep(cheap_spec(n_trials=2), tmp_path, launcher="debug", objective=Quadratic(tmp_path))
     message = str(e.value)
     assert str(journal) in message and "--restart" in message and "trials.csv" in message and "\n" not in message
     assert csv.read_text() == old_csv and len(calls(tmp_path)) == 2  # nothing ran, nothing overwritten
 
-    summary = S.run_sweep(cheap_spec(n_trials=2), tmp_path, launcher="debug", objective=Quadratic(tmp_path),
-                          restart=True)
+    summary = sweep.run_sweep(cheap_spec(n_trials=2), tmp_path, launcher="debug", objective=Quadratic(tmp_path),
+                              restart=True)
     assert summary["trials"] == 2 and len(calls(tmp_path)) == 4
     assert [p.read_text() for p in tmp_path.glob("trials.csv.*.bak")] == [old_csv]
     assert [p.read_text() for p in tmp_path.glob("best.yaml.*.bak")] == [old_best]
@@ -369,8 +368,8 @@ def test_killed_worker_is_reported_by_signal_and_its_running_trial_counted(tmp_p
     _no_figures(monkeypatch)
     spec, out = cheap_spec(n_trials=4), tmp_path / "out"
     killer = _kill_when_hanging(tmp_path, 1)
-    with pytest.raises(S.SweepError) as e:
-        S.run_sweep(spec, out, workers=2, launcher="local", objective=Quadratic(tmp_path, hang_on=1))
+    with pytest.raises(sweep.SweepError) as e:
+        sweep.run_sweep(spec, out, workers=2, launcher="local", objective=Quadratic(tmp_path, hang_on=1))
     killer.join()
     killed = [p for p, n in calls(tmp_path) if n == 1][0]
     summary = e.value.summary
@@ -381,7 +380,7 @@ def test_killed_worker_is_reported_by_signal_and_its_running_trial_counted(tmp_p
     assert "RUNNING" in (out / "trials.csv").read_text()
 
     # The next run fails the stale trial and runs its params again.
-    summary = S.run_sweep(spec, out, launcher="debug", objective=Quadratic(tmp_path))
+    summary = sweep.run_sweep(spec, out, launcher="debug", objective=Quadratic(tmp_path))
     trials = study_of(spec, out).trials
     assert summary["running"] == 0 and trials[1].state == TrialState.FAIL
     assert [t.params for t in trials if t.user_attrs.get("retry_of") == 1] == [trials[1].params]
@@ -399,7 +398,7 @@ def test_coordinator_death_ends_local_workers():
 
 def test_diverged_and_nan_trials_fail_with_their_reason_and_the_study_goes_on(tmp_path):
     spec = cheap_spec(n_trials=5)
-    summary = S.run_sweep(spec, tmp_path, launcher="debug", objective=Troubled(tmp_path))
+    summary = sweep.run_sweep(spec, tmp_path, launcher="debug", objective=Troubled(tmp_path))
     trials = study_of(spec, tmp_path).trials
     assert len(trials) == 5 and summary["complete"] == 3 and summary["fail"] == 2
     assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["reason"].startswith("diverged: non-finite")
@@ -417,7 +416,7 @@ def test_pruned_trial_reason(tmp_path):
             return value
 
     spec = cheap_spec(n_trials=3, pruner={"name": "median", "options": {"n_startup_trials": 1}})
-    S.run_sweep(spec, tmp_path, launcher="debug", objective=Reporting(tmp_path))
+    sweep.run_sweep(spec, tmp_path, launcher="debug", objective=Reporting(tmp_path))
     trials = study_of(spec, tmp_path).trials
     assert trials[0].state == TrialState.COMPLETE
     assert [t.state for t in trials[1:]] == [TrialState.PRUNED] * 2
@@ -429,20 +428,20 @@ def test_all_failed_raises_after_writing_trials_csv(tmp_path):
         def __call__(self, trial):
             raise DivergedError("boom")
 
-    with pytest.raises(S.SweepError, match="no trial completed"):
-        S.run_sweep(cheap_spec(n_trials=2), tmp_path, launcher="debug", objective=Diverging(tmp_path))
+    with pytest.raises(sweep.SweepError, match="no trial completed"):
+        sweep.run_sweep(cheap_spec(n_trials=2), tmp_path, launcher="debug", objective=Diverging(tmp_path))
     assert len((tmp_path / "trials.csv").read_text().splitlines()) == 3 and not (tmp_path / "best.yaml").exists()
 
 
 def test_changed_study_file_is_an_error_unless_restarted(tmp_path):
     spec = cheap_spec(n_trials=2)
-    S.run_sweep(spec, tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    sweep.run_sweep(spec, tmp_path, launcher="debug", objective=Quadratic(tmp_path))
     more = cheap_spec(n_trials=3)  # a larger budget continues the same study
-    assert S.run_sweep(more, tmp_path, launcher="debug", objective=Quadratic(tmp_path))["trials"] == 3
+    assert sweep.run_sweep(more, tmp_path, launcher="debug", objective=Quadratic(tmp_path))["trials"] == 3
     other = cheap_spec(n_trials=2, direction="maximize")
-    with pytest.raises(C.ConfigError, match=r"declared with other \['direction'\].*--restart"):
-        S.run_sweep(other, tmp_path, launcher="debug", objective=Quadratic(tmp_path))
-    summary = S.run_sweep(other, tmp_path, launcher="debug", objective=Quadratic(tmp_path), restart=True)
+    with pytest.raises(ConfigError, match=r"declared with other \['direction'\].*--restart"):
+        sweep.run_sweep(other, tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    summary = sweep.run_sweep(other, tmp_path, launcher="debug", objective=Quadratic(tmp_path), restart=True)
     assert summary["trials"] == 2 and len(glob.glob(str(tmp_path / "journal.log.*.bak"))) == 1
 
 
@@ -450,14 +449,14 @@ def test_grid_sampler_visits_each_point_once(tmp_path):
     spec = cheap_spec(n_trials=10, sampler={"name": "grid", "seed": 0},
                       space={"optim.lr": {"type": "float", "choices": [0.01, 0.1]},
                              "loss.P_mean": {"type": "float", "choices": [-1.0, -0.5, 0.0]}})
-    S.run_sweep(spec, tmp_path, launcher="debug", objective=Quadratic(tmp_path))
+    sweep.run_sweep(spec, tmp_path, launcher="debug", objective=Quadratic(tmp_path))
     points = {tuple(sorted(t.params.items())) for t in study_of(spec, tmp_path).trials}
     assert len(points) == 6 == len(study_of(spec, tmp_path).trials)
 
 
 def test_figures_are_guarded(tmp_path):
     spec = cheap_spec(n_trials=1)
-    summary = S.run_sweep(spec, tmp_path, launcher="debug", objective=Quadratic(tmp_path), figures=tmp_path / "f")
+    summary = sweep.run_sweep(spec, tmp_path, launcher="debug", objective=Quadratic(tmp_path), figures=tmp_path / "f")
     names = {Path(f).stem for f in summary["figures"]}
     assert "param_importances" not in names and "history" in names  # importances need >= 2 complete trials
     assert all(Path(f).parent == tmp_path / "f" for f in summary["figures"])
@@ -519,7 +518,7 @@ def postgres_url():
 def test_three_local_workers_share_one_postgres_study(tmp_path, monkeypatch, postgres_url):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     spec = cheap_spec(n_trials=12, name=f"cheap-{os.getpid()}-{time.time_ns()}", storage=postgres_url)
-    summary = S.run_sweep(spec, tmp_path / "out", workers=3, launcher="local", objective=Quadratic(tmp_path, 0.1))
+    summary = sweep.run_sweep(spec, tmp_path / "out", workers=3, launcher="local", objective=Quadratic(tmp_path, 0.1))
     assert summary["storage"] == postgres_url and summary["worker_errors"] == []
     assert not (tmp_path / "out" / "journal.log").exists()
     _check_concurrent_run(spec, tmp_path / "out", tmp_path, 3)

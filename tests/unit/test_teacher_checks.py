@@ -6,9 +6,9 @@ import hashlib
 import pytest
 import yaml
 
-from scm import config as C
 from scm.checkpoint import MAGIC, write_status
 from scm.cli import main
+from scm.config import resolve_from_dict, to_dict
 from scm.fileio import atomic_write_json
 from scm.train import check_teacher
 
@@ -18,9 +18,9 @@ STUDENT = {"dataset": "shapes", "size": "tS", "method": "scd", "network": {"mode
 def _fake_teacher(teacher_dir, state="completed", channels=8, header=True):
     """A teacher run as scm.train leaves it: config.json, status.json, final.pt (only its header is read)."""
     teacher_dir.mkdir()
-    cfg = C.resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "teacher",
-                               "network": {"model_channels": channels}})
-    atomic_write_json(teacher_dir / "config.json", C.to_dict(cfg))
+    cfg = resolve_from_dict({"dataset": "shapes", "size": "tS", "method": "teacher",
+                             "network": {"model_channels": channels}})
+    atomic_write_json(teacher_dir / "config.json", to_dict(cfg))
     write_status(teacher_dir, state, step=8)
     if state == "completed":
         (teacher_dir / "final.pt").write_bytes((MAGIC if header else b"garbage!") + hashlib.sha256(b"w").digest())
@@ -64,7 +64,7 @@ def test_teacher_final_without_a_checkpoint_header(tmp_path, capsys):
 
 def test_teacher_identity_is_the_final_checksum_and_exact_teachers_have_none(tmp_path):
     _fake_teacher(tmp_path / "tM")
-    cfg = C.resolve_from_dict({**STUDENT, "run": {"teacher_run_dir": str(tmp_path / "tM")}})
+    cfg = resolve_from_dict({**STUDENT, "run": {"teacher_run_dir": str(tmp_path / "tM")}})
     assert check_teacher(cfg) == {"teacher_final_sha256": hashlib.sha256(b"w").hexdigest()}
-    exact = C.resolve_from_dict({**STUDENT, "run": {"teacher_run_dir": "exact:gmm"}})
+    exact = resolve_from_dict({**STUDENT, "run": {"teacher_run_dir": "exact:gmm"}})
     assert check_teacher(exact) == {}

@@ -11,7 +11,7 @@ from scm.extractors import shapes_extractor_path
 from scm.study import Study, parse_run_id
 
 STUDY = Study(config)
-R = str(STUDY.results)
+RESULTS = str(STUDY.results)
 RUN_IDS = STUDY.run_ids()
 LAUNCHER = config["launcher"]
 CLUSTER_ARGS = (
@@ -53,14 +53,14 @@ def teacher_final(wildcards):
     run = parse_run_id(wildcards.run)
     if run.method != "scd":
         return []
-    return f"{R}/runs/{STUDY.teacher_of(run).run_id}/final.pt"
+    return f"{RESULTS}/runs/{STUDY.teacher_of(run).run_id}/final.pt"
 
 
 def extractor_of(wildcards):
     """The shapes feature network of this run's renderer version (data.shapes_version); none for other data."""
     data = STUDY.config(wildcards.run).data
     return (
-        str(shapes_extractor_path(data.shapes_version, f"{R}/artifacts"))
+        str(shapes_extractor_path(data.shapes_version, f"{RESULTS}/artifacts"))
         if data.name == "shapes"
         else []
     )
@@ -71,7 +71,7 @@ def reference_of(wildcards):
     data = STUDY.config(wildcards.run).data
     if data.name == "shapes" or data.channels == 4 or EVAL_INPUTS.get("ref_stats"):
         return []
-    return f"{R}/ref-stats/{data.name}-fid.npz"
+    return f"{RESULTS}/ref-stats/{data.name}-fid.npz"
 
 
 def eval_args(wildcards, input):
@@ -110,4 +110,4 @@ def exact_teacher_final(wildcards):
     """The training group with sCD from the learned teacher waits for the pipeline's teacher run."""
     if not EXACT.needs_teacher(wildcards.group):
         return []
-    return f"{R}/runs/{EXACT.teacher_run()}/final.pt"
+    return f"{RESULTS}/runs/{EXACT.teacher_run()}/final.pt"

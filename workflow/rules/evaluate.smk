@@ -8,11 +8,11 @@
 
 rule extractor:
     output:
-        str(shapes_extractor_path("{version}", f"{R}/artifacts")),
+        str(shapes_extractor_path("{version}", f"{RESULTS}/artifacts")),
     log:
-        f"{R}/logs/extractor-data{{version}}.log",
+        f"{RESULTS}/logs/extractor-data{{version}}.log",
     benchmark:
-        f"{R}/benchmarks/extractor/data{{version}}.tsv"
+        f"{RESULTS}/benchmarks/extractor/data{{version}}.tsv"
     wildcard_constraints:
         version=r"\d+",
     conda:
@@ -24,18 +24,18 @@ rule extractor:
 
 rule reference:
     output:
-        f"{R}/ref-stats/{{dataset}}-fid.npz",
+        f"{RESULTS}/ref-stats/{{dataset}}-fid.npz",
     log:
-        f"{R}/logs/ref-stats-{{dataset}}.log",
+        f"{RESULTS}/logs/ref-stats-{{dataset}}.log",
     benchmark:
-        f"{R}/benchmarks/reference/{{dataset}}.tsv"
+        f"{RESULTS}/benchmarks/reference/{{dataset}}.tsv"
     conda:
         "../envs/scm.yaml"
     threads: 1
     params:
         path=lambda wc: shlex.quote(STUDY.config(RUN_IDS[0]).data.path),
         weights=shlex.quote(EVAL_INPUTS.get("inception", "")),
-        cache=f"{R}/cache/ref-stats",
+        cache=f"{RESULTS}/cache/ref-stats",
     shell:
         "scm data ref-stats --dataset {wildcards.dataset} --path {params.path} --extractor-weights {params.weights} "
         "--cache-dir {params.cache} --out {output} > {log} 2>&1"
@@ -43,15 +43,15 @@ rule reference:
 
 rule evaluate:
     input:
-        run=f"{R}/runs/{{run}}/final.pt",
+        run=f"{RESULTS}/runs/{{run}}/final.pt",
         extractor=extractor_of,
         reference=reference_of,
     output:
-        f"{R}/metrics/{{run}}.json",
+        f"{RESULTS}/metrics/{{run}}.json",
     log:
-        f"{R}/logs/evaluate/{{run}}.log",
+        f"{RESULTS}/logs/evaluate/{{run}}.log",
     benchmark:
-        f"{R}/benchmarks/evaluate/{{run}}.tsv"
+        f"{RESULTS}/benchmarks/evaluate/{{run}}.tsv"
     conda:
         "../envs/scm.yaml"
     threads: 1
@@ -74,13 +74,13 @@ rule evaluate:
 
 rule samples:
     input:
-        f"{R}/runs/{{run}}/final.pt",
+        f"{RESULTS}/runs/{{run}}/final.pt",
     output:
-        f"{R}/samples/{{run}}/grid.png",
+        f"{RESULTS}/samples/{{run}}/grid.png",
     log:
-        f"{R}/logs/samples/{{run}}.log",
+        f"{RESULTS}/logs/samples/{{run}}.log",
     benchmark:
-        f"{R}/benchmarks/samples/{{run}}.tsv"
+        f"{RESULTS}/benchmarks/samples/{{run}}.tsv"
     conda:
         "../envs/scm.yaml"
     threads: 1

@@ -7,13 +7,13 @@ from scm.exact_study import ExactStudy
 EXACT = (
     ExactStudy(config) if config["dataset"] == "gmm" and config.get("exact") else None
 )
-EX = f"{R}/exact"
+EX = f"{RESULTS}/exact"
 EXACT_GROUPS = list(EXACT.groups()) if EXACT else []
 EXACT_OUTPUTS = (
     [
-        f"{R}/tables/exact.md",
-        f"{R}/figures/exact_curves.png",
-        f"{R}/figures/exact_map2d.png",
+        f"{RESULTS}/tables/exact.md",
+        f"{RESULTS}/figures/exact_curves.png",
+        f"{RESULTS}/figures/exact_map2d.png",
     ]
     if EXACT
     else []
@@ -28,7 +28,7 @@ rule exact_reference:
     output:
         f"{EX}/reference.pt",
     log:
-        f"{R}/logs/exact/reference.log",
+        f"{RESULTS}/logs/exact/reference.log",
     priority: 20
     conda:
         "../envs/scm.yaml"
@@ -46,7 +46,7 @@ rule exact_train:
     output:
         f"{EX}/groups/{{group}}.json",
     log:
-        f"{R}/logs/exact/{{group}}.log",
+        f"{RESULTS}/logs/exact/{{group}}.log",
     conda:
         "../envs/scm.yaml"
     threads: 1
@@ -61,12 +61,12 @@ rule exact_train:
 rule exact_map2d:
     output:
         report(
-            f"{R}/figures/exact_map2d.png",
+            f"{RESULTS}/figures/exact_map2d.png",
             category="Exact study",
             subcategory="2-D variant",
         ),
     log:
-        f"{R}/logs/exact/map2d.log",
+        f"{RESULTS}/logs/exact/map2d.log",
     conda:
         "../envs/scm.yaml"
     threads: 1
@@ -82,16 +82,16 @@ rule exact_report:
         metrics=expand(f"{EX}/groups/{{group}}.json", group=EXACT_GROUPS),
     output:
         table=report(
-            f"{R}/tables/exact.md", category="Exact study", subcategory="Table"
+            f"{RESULTS}/tables/exact.md", category="Exact study", subcategory="Table"
         ),
-        summary=f"{R}/tables/exact.json",
+        summary=f"{RESULTS}/tables/exact.json",
         curves=report(
-            f"{R}/figures/exact_curves.png",
+            f"{RESULTS}/figures/exact_curves.png",
             category="Exact study",
             subcategory="Error vs iterations",
         ),
     log:
-        f"{R}/logs/exact/report.log",
+        f"{RESULTS}/logs/exact/report.log",
     localrule: True
     conda:
         "../envs/scm.yaml"

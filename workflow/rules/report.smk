@@ -4,69 +4,72 @@
 
 rule report:
     input:
-        metrics=expand(f"{R}/metrics/{{run}}.json", run=RUN_IDS),
+        metrics=expand(f"{RESULTS}/metrics/{{run}}.json", run=RUN_IDS),
         grids=expand(
-            f"{R}/samples/{{run}}/grid.png", run=[r.run_id for r in STUDY.main_runs()]
+            f"{RESULTS}/samples/{{run}}/grid.png",
+            run=[r.run_id for r in STUDY.main_runs()],
         ),
         reference="results/reference/paper-tables.csv",
     output:
         main_md=report(
-            f"{R}/tables/main.md",
+            f"{RESULTS}/tables/main.md",
             caption="../report/main.rst",
             category="1. Main results",
             subcategory="Tables",
         ),
-        main_tex=f"{R}/tables/main.tex",
+        main_tex=f"{RESULTS}/tables/main.tex",
         samples=report(
-            f"{R}/figures/samples.png",
+            f"{RESULTS}/figures/samples.png",
             caption="../report/samples.rst",
             category="1. Main results",
             subcategory="Samples beside their numbers",
         ),
         compute_fid=report(
-            f"{R}/figures/compute_vs_fid.png",
+            f"{RESULTS}/figures/compute_vs_fid.png",
             caption="../report/figures.rst",
             category="1. Main results",
             subcategory="Figures",
         ),
         figure1=report(
-            f"{R}/figures/figure1_paper.png",
+            f"{RESULTS}/figures/figure1_paper.png",
             caption="../report/figures.rst",
             category="1. Main results",
             subcategory="Figures",
         ),
         fid_size=report(
-            f"{R}/figures/fid_vs_size.png",
+            f"{RESULTS}/figures/fid_vs_size.png",
             caption="../report/figures.rst",
             category="1. Main results",
             subcategory="Figures",
         ),
         ablations_md=report(
-            f"{R}/tables/ablations.md",
+            f"{RESULTS}/tables/ablations.md",
             caption="../report/ablations.rst",
             category="2. Ablations",
             subcategory="Table",
         ),
-        ablations_tex=f"{R}/tables/ablations.tex",
+        ablations_tex=f"{RESULTS}/tables/ablations.tex",
         effects=report(
-            f"{R}/figures/ablation_effects.png",
+            f"{RESULTS}/figures/ablation_effects.png",
             caption="../report/ablation_effects.rst",
             category="2. Ablations",
             subcategory="Effects",
         ),
         curves=report(
-            f"{R}/figures/ablation_curves.png",
+            f"{RESULTS}/figures/ablation_curves.png",
             caption="../report/ablation_curves.rst",
             category="2. Ablations",
             subcategory="Training curves",
         ),
         cost_md=report(
-            f"{R}/tables/cost.md", caption="../report/cost.rst", category="3. Cost"
+            f"{RESULTS}/tables/cost.md",
+            caption="../report/cost.rst",
+            category="3. Cost",
         ),
     log:
-        f"{R}/logs/report.log",
+        f"{RESULTS}/logs/report.log",
     benchmark:
-        f"{R}/benchmarks/report/report.tsv"
+        f"{RESULTS}/benchmarks/report/report.tsv"
     localrule: True
     conda:
         "../envs/scm.yaml"

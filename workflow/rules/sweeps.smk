@@ -1,19 +1,19 @@
 # Hyperparameter sweeps with Optuna (scm sweep): a study file declares the search space.
 SWEEP = config.get("sweep", {})
 SWEEP_NAME = Path(SWEEP["file"]).stem if SWEEP.get("enabled") else None
-SWEEP_OUTPUTS = [f"{R}/sweeps/{SWEEP_NAME}/best.yaml"] if SWEEP_NAME else []
+SWEEP_OUTPUTS = [f"{RESULTS}/sweeps/{SWEEP_NAME}/best.yaml"] if SWEEP_NAME else []
 
 
 rule sweep:
     input:
         SWEEP.get("file", []),
     output:
-        best=f"{R}/sweeps/{{name}}/best.yaml",
-        trials=f"{R}/sweeps/{{name}}/trials.csv",
+        best=f"{RESULTS}/sweeps/{{name}}/best.yaml",
+        trials=f"{RESULTS}/sweeps/{{name}}/trials.csv",
     log:
-        f"{R}/logs/sweeps/{{name}}.log",
+        f"{RESULTS}/logs/sweeps/{{name}}.log",
     benchmark:
-        f"{R}/benchmarks/sweeps/{{name}}.tsv"
+        f"{RESULTS}/benchmarks/sweeps/{{name}}.tsv"
     conda:
         "../envs/scm.yaml"
     threads: 2

@@ -4,11 +4,11 @@
 
 rule run_config:
     output:
-        f"{R}/runs/{{run}}/run.yaml",
+        f"{RESULTS}/runs/{{run}}/run.yaml",
     log:
-        f"{R}/logs/config/{{run}}.log",
+        f"{RESULTS}/logs/config/{{run}}.log",
     benchmark:
-        f"{R}/benchmarks/run_config/{{run}}.tsv"
+        f"{RESULTS}/benchmarks/run_config/{{run}}.tsv"
     localrule: True
     conda:
         "../envs/scm.yaml"
@@ -20,14 +20,14 @@ rule run_config:
 
 rule train:
     input:
-        cfg=f"{R}/runs/{{run}}/run.yaml",
+        cfg=f"{RESULTS}/runs/{{run}}/run.yaml",
         teacher=teacher_final,
     output:
-        f"{R}/runs/{{run}}/final.pt",
+        f"{RESULTS}/runs/{{run}}/final.pt",
     log:
-        f"{R}/logs/train/{{run}}.log",
+        f"{RESULTS}/logs/train/{{run}}.log",
     benchmark:
-        f"{R}/benchmarks/train/{{run}}.tsv"
+        f"{RESULTS}/benchmarks/train/{{run}}.tsv"
     wildcard_constraints:
         run=r"(sct|scd)-[A-Za-z]+-[a-z0-9_]+-s\d+",
     # On SLURM a node failure or a job killed outside submitit's requeue re-runs the rule; training resumes.
