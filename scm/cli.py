@@ -477,8 +477,7 @@ def _eval_profile(args):
 
 
 def cmd_sample(args) -> int:
-    from scm import eval_shards as ES
-    from scm import evaluate
+    from scm import eval_shards, evaluate
     from scm.launch import LaunchError
 
     _set_threads(args.threads)
@@ -499,7 +498,7 @@ def cmd_sample(args) -> int:
         if args.shards == 1 and args.launcher == "debug":  # one process: `--shard I/N` as before
             info = evaluate.sample_run(**kwargs, shard=evaluate.parse_shard(args.shard))
         else:
-            info = ES.sample_sharded(kwargs, args.shards, args.launcher, profile)
+            info = eval_shards.sample_sharded(kwargs, args.shards, args.launcher, profile)
     except (FileNotFoundError, ValueError, ImportError) as e:
         return _user_error(e)
     except LaunchError as e:  # a failed job (the message carries its log tail) or no SLURM here
@@ -510,8 +509,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from scm import eval_shards as ES
-    from scm import evaluate
+    from scm import eval_shards, evaluate
     from scm.launch import LaunchError
 
     _set_threads(args.threads)
@@ -537,7 +535,7 @@ def cmd_evaluate(args) -> int:
                 dinov2=args.dinov2, kid=not args.no_kid, prc=not args.no_prc, kid_subsets=args.kid_subsets,
                 device=args.device, vae_path=args.vae)
         else:  # K shard tasks (resumable shard files under OUT.shards/), then the reduce step
-            spec = ES.EvalSpec(
+            spec = eval_shards.EvalSpec(
                 run_dir=str(Path(args.run_dir).resolve()), steps=list(args.steps),
                 shard_dir=str(Path(f"{args.out}.shards").resolve()), shards=args.shards, num=args.num,
                 seed_sets=args.seed_sets, first_seed=args.first_seed, batch=args.batch, solver=args.solver,
@@ -545,10 +543,11 @@ def cmd_evaluate(args) -> int:
                 cache_dir=str(Path(args.cache_dir).resolve()), ref_stats=_abs(args.ref_stats),
                 dinov2=_abs(args.dinov2), kid=not args.no_kid, prc=not args.no_prc, kid_subsets=args.kid_subsets,
                 device=args.device, vae_path=_abs(args.vae), threads=args.threads)
-            entries = ES.evaluate_sharded(spec, args.launcher, profile)
+            entries = eval_shards.evaluate_sharded(spec, args.launcher, profile)
     except (FileNotFoundError, ValueError, ImportError) as e:
         return _user_error(e)
-    except (LaunchError, ES.ShardsMissingError) as e:  # a failed job (with its log tail), no SLURM here, shards missing
+    # a failed job (with its log tail), no SLURM here, shards missing
+    except (LaunchError, eval_shards.ShardsMissingError) as e:
         print(f"scm: error: {' '.join(str(e).splitlines()[:1])}", file=sys.stderr)
         print("\n".join(str(e).splitlines()[1:]), file=sys.stderr)
         return 1
@@ -608,8 +607,7 @@ def cmd_data_build_extractor(args) -> int:
 
 
 def cmd_data_calibrate(args) -> int:
-    from scm import calibration as CAL
-    from scm import evaluate
+    from scm import calibration, evaluate
 
     _set_threads(args.threads)
     try:
@@ -623,12 +621,12 @@ def cmd_data_calibrate(args) -> int:
             if not (sep and sep2 and steps.isdigit() and int(steps) >= 1):
                 raise ValueError(f"--run: expected LABEL=RUN_DIR:STEPS, got {spec!r}")
             runs.append((label, run_dir, int(steps)))
-        rows = CAL.calibrate(args.extractor_weights, args.shapes_version, args.num, args.ref_images,
+        rows = calibration.calibrate(args.extractor_weights, args.shapes_version, args.num, args.ref_images,
                              args.seed_sets, runs, cache_dir=args.cache_dir,
                              device=str(evaluate.resolve_device(args.device)))
     except (FileNotFoundError, ValueError, ImportError) as e:
         return _user_error(e)
-    table = CAL.markdown_table(rows)
+    table = calibration.markdown_table(rows)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table)

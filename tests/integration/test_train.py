@@ -63,9 +63,9 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
 
 
 def test_nan_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
-    import scm.train as T
+    import scm.train
 
-    real = T.build_loss
+    real = scm.train.build_loss
 
     def poisoned(*args, **kwargs):
         fn = real(*args, **kwargs)
@@ -78,7 +78,7 @@ def test_nan_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
             return loss, diag
         return call
 
-    monkeypatch.setattr(T, "build_loss", poisoned)
+    monkeypatch.setattr(scm.train, "build_loss", poisoned)
     with pytest.raises(DivergedError, match=r"at step 14 .*last good checkpoint: .*checkpoint-000000008.pt"):
         train(tiny_cfg(**{"run.max_bad_batches": 2}), tmp_path)
     status = read_status(tmp_path)
@@ -110,21 +110,21 @@ def test_student_initialized_from_teacher_ema(tmp_path):
     train(tiny_cfg(**{"run.total_kimg": 0.128}), teacher_dir)
     teacher, _ = load_final(teacher_dir, "ema")
     captured = {}
-    import scm.train as T
+    import scm.train
 
-    real = T.EMA
+    real = scm.train.EMA
 
     class Spy(real):
         def __init__(self, net, cfg):
             captured["student"] = {k: v.clone() for k, v in net.state_dict().items()}
             super().__init__(net, cfg)
 
-    T.EMA = Spy
+    scm.train.EMA = Spy
     try:
         train(tiny_cfg(**{"run.method": "scd", "run.teacher_run_dir": str(teacher_dir), "run.total_kimg": 0.016}),
               tmp_path / "scd")
     finally:
-        T.EMA = real
+        scm.train.EMA = real
     for k, v in teacher.state_dict().items():
         assert torch.equal(captured["student"][k], v), k
 
@@ -147,12 +147,12 @@ def test_stats_and_status_files(tmp_path):
 
 
 def test_setup_error_leaves_status_failed_with_the_reason(tmp_path, monkeypatch):
-    import scm.train as T
+    import scm.train
 
     def unreadable(*args, **kwargs):
         raise OSError("dataset shard 3 is unreadable")
 
-    monkeypatch.setattr(T, "build_dataset", unreadable)
+    monkeypatch.setattr(scm.train, "build_dataset", unreadable)
     with pytest.raises(OSError):
         train(tiny_cfg(), tmp_path)
     status = read_status(tmp_path)

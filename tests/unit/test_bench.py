@@ -12,7 +12,7 @@ import stat
 
 import pytest
 
-from scm import bench as B
+from scm import bench
 from scm.cli import main
 
 
@@ -26,47 +26,47 @@ def _fields(cls):
 
 
 def test_step_benchmark_rows_ratios_csv_and_plot(tmp_path):
-    rows = B.step_benchmark(["tS"], repeats=1, warmup=0, batches=[2, 3])
+    rows = bench.step_benchmark(["tS"], repeats=1, warmup=0, batches=[2, 3])
     assert [(r.method, r.batch) for r in rows] == [(m, b) for b in (2, 3) for m in ("teacher", "sct", "scd")]
     assert all(r.repeats == 1 and r.min_s <= r.median_s <= r.max_s and r.peak_mem_mb is None for r in rows)
-    by = B.ratios_by_batch(rows)
+    by = bench.ratios_by_batch(rows)
     assert set(by) == {("tS", 2), ("tS", 3)}
     assert set(by[("tS", 2)]) == {"sCD/teacher", "sCT/teacher"} and by[("tS", 2)]["sCD/teacher"] > 0
-    path = B.write_csv(rows, tmp_path / "step.csv", hw="test machine")
+    path = bench.write_csv(rows, tmp_path / "step.csv", hw="test machine")
     table = _csv(path)
-    assert list(table[0]) == _fields(B.Timing) and len(table) == 6 and table[0]["hardware"] == "test machine"
-    png = B.plot_timings(rows, tmp_path / "step.png", "step", hw="test machine")
+    assert list(table[0]) == _fields(bench.Timing) and len(table) == 6 and table[0]["hardware"] == "test machine"
+    png = bench.plot_timings(rows, tmp_path / "step.png", "step", hw="test machine")
     assert png.stat().st_size > 0
 
 
 def test_step_peak_memory_in_a_subprocess():
-    mib, kind = B.step_peak_memory("shapes", "tS", "teacher", 2)
+    mib, kind = bench.step_peak_memory("shapes", "tS", "teacher", 2)
     assert mib > 0 and "VmHWM" in kind
 
 
 def test_jvp_benchmark_and_ratios():
-    rows = B.jvp_benchmark(["tS"], batch=2, repeats=1, warmup=0)
-    assert [r.method for r in rows] == list(B.JVP_METHODS)
-    assert set(B.jvp_ratios(rows)["tS"]) == {"forward_with_tangent/forward", "func.jvp/forward",
+    rows = bench.jvp_benchmark(["tS"], batch=2, repeats=1, warmup=0)
+    assert [r.method for r in rows] == list(bench.JVP_METHODS)
+    assert set(bench.jvp_ratios(rows)["tS"]) == {"forward_with_tangent/forward", "func.jvp/forward",
                                              "finite_difference/forward"}
 
 
 def test_attention_benchmark_memory_ratio(tmp_path):
-    rows = B.attention_benchmark([16, 64], heads=1, head_dim=8, block_size=8, repeats=1, warmup=0)
+    rows = bench.attention_benchmark([16, 64], heads=1, head_dim=8, block_size=8, repeats=1, warmup=0)
     assert {(r.impl, r.seq) for r in rows} == {(i, n) for i in ("math_forward", "math_jvp", "blockwise_jvp")
                                                for n in (16, 64)}
-    n, fused, ratio = B.attention_memory_ratio(rows)
+    n, fused, ratio = bench.attention_memory_ratio(rows)
     assert n == 64 and fused == "blockwise_jvp" and 0 < ratio < 1  # 8 x 8 blocks vs a 64 x 64 matrix
-    assert list(_csv(B.write_csv(rows, tmp_path / "a.csv"))[0]) == _fields(B.AttentionTiming)
-    assert B.plot_attention(rows, tmp_path / "a.png").exists()
+    assert list(_csv(bench.write_csv(rows, tmp_path / "a.csv"))[0]) == _fields(bench.AttentionTiming)
+    assert bench.plot_attention(rows, tmp_path / "a.png").exists()
 
 
 def test_sampling_benchmark_counts_nfe(tmp_path):
-    rows = B.sampling_benchmark("tS", [1, 2], batch=2, repeats=1, warmup=0)
+    rows = bench.sampling_benchmark("tS", [1, 2], batch=2, repeats=1, warmup=0)
     got = {(r.sampler, r.steps, r.nfe) for r in rows}
     assert got == {("cm", 1, 1), ("cm", 2, 2), ("euler", 1, 1), ("euler", 2, 2), ("dpm2s", 1, 1), ("dpm2s", 2, 3)}
     assert all(r.images_per_s_min <= r.images_per_s <= r.images_per_s_max for r in rows)
-    assert B.plot_sampling(rows, tmp_path / "s.png").exists()
+    assert bench.plot_sampling(rows, tmp_path / "s.png").exists()
 
 
 def _script(path, body):
@@ -77,25 +77,25 @@ def _script(path, body):
 
 def test_dag_benchmark_subtracts_interpreter_start(tmp_path):
     fake = _script(tmp_path / "snakemake", 'case "$1" in --version) echo 9;; *) sleep 0.2;; esac')
-    row = B.dag_benchmark("config/x.yaml", "profiles/p", repeats=2, snakemake=fake, cwd=tmp_path)
+    row = bench.dag_benchmark("config/x.yaml", "profiles/p", repeats=2, snakemake=fake, cwd=tmp_path)
     assert row.what == "dag_x" and row.repeats == 2 and 0.1 < row.median_s < 5
 
 
 def test_dag_benchmark_failure_is_an_error(tmp_path):
     fake = _script(tmp_path / "snakemake", 'case "$1" in --version) echo 9;; *) echo broken >&2; exit 1;; esac')
     with pytest.raises(RuntimeError, match="broken"):
-        B.dag_benchmark("c.yaml", "p", repeats=1, snakemake=fake, cwd=tmp_path)
+        bench.dag_benchmark("c.yaml", "p", repeats=1, snakemake=fake, cwd=tmp_path)
 
 
 def test_slurm_latency_skipped_when_cluster_down(tmp_path, monkeypatch):
     (tmp_path / "bin").mkdir()
     _script(tmp_path / "bin" / "sinfo", "exit 1")  # a SLURM client whose controller does not answer
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
-    row = B.slurm_latency_benchmark(tmp_path / "jobs")
+    row = bench.slurm_latency_benchmark(tmp_path / "jobs")
     assert row.median_s is None and "no SLURM controller answers sinfo" in row.note
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert "sinfo not on PATH" in B.slurm_latency_benchmark(tmp_path / "jobs").note
-    assert B.plot_orchestration([row], tmp_path / "o.png").exists()
+    assert "sinfo not on PATH" in bench.slurm_latency_benchmark(tmp_path / "jobs").note
+    assert bench.plot_orchestration([row], tmp_path / "o.png").exists()
 
 
 def test_cli_step_attention_sampling(tmp_path, capsys):

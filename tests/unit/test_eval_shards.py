@@ -8,8 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from scm import eval_shards as ES
-from scm import evaluate, metrics
+from scm import eval_shards, evaluate, metrics
 from scm.config import ConfigError, resolve
 from scm.report import eval_hours
 
@@ -19,13 +18,13 @@ CLUSTERS = Path(__file__).resolve().parents[2] / "config" / "clusters.yaml"
 @pytest.mark.parametrize(("n", "k"), [(10, 3), (7, 7), (50, 4), (5, 1)])
 def test_split_seeds_covers_every_seed_once(n, k):
     seeds = list(range(100, 100 + n))
-    parts = ES.split_seeds(seeds, k)
+    parts = eval_shards.split_seeds(seeds, k)
     assert len(parts) == k and sorted(s for p in parts for s in p) == seeds
     assert all(len(p) in (n // k, n // k + 1) for p in parts)
     # the rule of `scm sample --shard I/N`
     assert parts == [seeds[i::k] for i in range(k)]
     with pytest.raises(ValueError, match="--shards"):
-        ES.split_seeds(seeds, 0)
+        eval_shards.split_seeds(seeds, 0)
 
 
 def test_reduced_fid_equals_float64_frechet_of_concatenated_features():
@@ -36,27 +35,28 @@ def test_reduced_fid_equals_float64_frechet_of_concatenated_features():
     mu_ref, sigma_ref = metrics.feature_statistics(ref)
     expected = metrics.frechet_distance(*metrics.feature_statistics(feats), mu_ref, sigma_ref)
     for k in (1, 3, 7):
-        parts = [ES._moments(torch.from_numpy(feats[i::k])) for i in range(k)]
-        assert ES.fid_from_shards(parts, mu_ref, sigma_ref) == pytest.approx(expected, rel=1e-10, abs=1e-10)
+        parts = [eval_shards._moments(torch.from_numpy(feats[i::k])) for i in range(k)]
+        assert eval_shards.fid_from_shards(parts, mu_ref, sigma_ref) == pytest.approx(expected, rel=1e-10, abs=1e-10)
     # and the rows come back in seed order (KID's random subsets see the unsharded order)
     parts = [{"f": feats[i::3]} for i in range(3)]
-    np.testing.assert_array_equal(ES._gather(parts, "f", len(feats)), feats)
+    np.testing.assert_array_equal(eval_shards._gather(parts, "f", len(feats)), feats)
 
 
 def test_shard_file_round_trip_identity_and_torn_files(tmp_path):
     ident = {"format": 1, "final_sha256": "ab" * 32, "steps": 2, "seeds": "0-9", "extractor_fingerprint": "x"}
     arrays = {"feat_a": np.arange(6, dtype=np.float32).reshape(3, 2), "n": np.int64(3)}
-    path = ES.write_shard(tmp_path / "s.npz", ident, arrays)
-    got = ES.read_shard(path, dict(ident))
+    path = eval_shards.write_shard(tmp_path / "s.npz", ident, arrays)
+    got = eval_shards.read_shard(path, dict(ident))
     np.testing.assert_array_equal(got["feat_a"], arrays["feat_a"])
     assert int(got["n"]) == 3
     assert not list(tmp_path.glob(".*tmp"))  # the temporary file was renamed
     for key, value in (("final_sha256", "cd" * 32), ("steps", 1), ("seeds", "0-8"), ("extractor_fingerprint", "y")):
-        assert ES.read_shard(path, {**ident, key: value}) is None, key  # another run / sampler / seeds / extractor
-    assert ES.read_shard(tmp_path / "missing.npz", ident) is None
+        # another run / sampler / seeds / extractor
+        assert eval_shards.read_shard(path, {**ident, key: value}) is None, key
+    assert eval_shards.read_shard(tmp_path / "missing.npz", ident) is None
     path.write_bytes(path.read_bytes()[:40])  # a torn file (not possible through write_shard, but on a bad disk)
-    assert ES.read_shard(path, ident) is None
-    assert ES.shard_path(tmp_path, 2, 1, 0, 3).name == "steps2-set1-shard0of3.npz"
+    assert eval_shards.read_shard(path, ident) is None
+    assert eval_shards.shard_path(tmp_path, 2, 1, 0, 3).name == "steps2-set1-shard0of3.npz"
 
 
 def test_study_eval_inputs_name_the_key_and_path(tmp_path):

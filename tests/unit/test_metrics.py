@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scm import calibration as CAL
-from scm import extractors, metrics
+from scm import calibration, extractors, metrics
 from scm.fileio import file_fingerprint
 from scm.shapes import SHAPES_VERSIONS, generate_shapes
 
@@ -304,35 +303,35 @@ def test_frechet_joint_distance_bounds_and_label_swaps():
 def test_degradations():
     x = torch.from_numpy(generate_shapes(64, seed=5)[0])
     flat = torch.full((2, 3, 16, 16), 100, dtype=torch.uint8)
-    assert torch.equal(CAL.gaussian_blur(flat, 1.0), flat)  # a blur keeps constants
+    assert torch.equal(calibration.gaussian_blur(flat, 1.0), flat)  # a blur keeps constants
     impulse = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
     impulse[..., 8, 8] = 255
-    b = CAL.gaussian_blur(impulse, 1.0).double()
+    b = calibration.gaussian_blur(impulse, 1.0).double()
     g = np.exp(-np.arange(-3, 4) ** 2 / 2)
     g = g / g.sum()
     assert b[0, 0, 8, 5:12].numpy() == pytest.approx(np.round(255 * g[3] * g), abs=0.51)  # the separable kernel
-    noisy = CAL.gaussian_noise(flat, 0.1, seed=3).double() / 255
+    noisy = calibration.gaussian_noise(flat, 0.1, seed=3).double() / 255
     assert noisy.std().item() == pytest.approx(0.1, rel=0.1)
     assert noisy.mean().item() == pytest.approx(100 / 255, abs=0.01)
-    shifted = CAL.colour_shift(flat, 0.1).double() - 100  # +-0.1 of the range = +-25.5 levels, rounded
+    shifted = calibration.colour_shift(flat, 0.1).double() - 100  # +-0.1 of the range = +-25.5 levels, rounded
     assert (shifted[:, 0] - 25.5).abs().max() <= 0.5 and (shifted[:, 2] + 25.5).abs().max() <= 0.5
-    assert torch.equal(CAL.colour_shift(flat, 0.1)[:, 1], flat[:, 1])
+    assert torch.equal(calibration.colour_shift(flat, 0.1)[:, 1], flat[:, 1])
     # A plane with a square on it: the background alone is the plane again, the flat background its mean.
     v, u = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
     plane = (0.5 + 0.2 * u - 0.1 * v).double()
     mask = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
     mask[..., 4:9, 6:12] = True
-    img = CAL._uint8(torch.where(mask, 0.95, plane).expand(1, 3, 16, 16))
-    assert (CAL.background_only(img, mask).double() - (plane * 255).round()).abs().max() <= 1
-    fb = CAL.flat_background(img, mask)
+    img = calibration._uint8(torch.where(mask, 0.95, plane).expand(1, 3, 16, 16))
+    assert (calibration.background_only(img, mask).double() - (plane * 255).round()).abs().max() <= 1
+    fb = calibration.flat_background(img, mask)
     assert torch.equal(fb[mask.expand_as(fb)], img[mask.expand_as(img)])
     assert fb[~mask.expand_as(fb)].unique().numel() == 1
     # The renderer's shapes: every image has shape and background pixels.
     images, labels, q = generate_shapes(64, seed=5, return_factors=True)
-    m = CAL.shape_mask(q, labels, 16, 1)
+    m = calibration.shape_mask(q, labels, 16, 1)
     assert torch.all(m.sum((1, 2, 3)) > 4) and torch.all((~m).sum((1, 2, 3)) > 16)
     y = torch.arange(16) % 8
-    assert torch.all(CAL.wrong_labels(y, 8) != y) and CAL.wrong_labels(y, 8).max() < 8
+    assert torch.all(calibration.wrong_labels(y, 8) != y) and calibration.wrong_labels(y, 8).max() < 8
     assert x.dtype == torch.uint8
 
 
@@ -347,7 +346,7 @@ def test_noise_statistics_closed_form():
     flat = torch.full((256, 3, 16, 16), 128, dtype=torch.uint8)
     assert torch.all(extractors.noise_statistics(flat.float() / 127.5 - 1) == 0)
     for sigma in (0.02, 0.05, 0.1):
-        x = CAL.gaussian_noise(flat, sigma, seed=1).float() / 127.5 - 1
+        x = calibration.gaussian_noise(flat, sigma, seed=1).float() / 127.5 - 1
         want = 0.12566 * math.sqrt(20 * ((sigma * 255) ** 2 + 1 / 12))
         assert extractors.noise_statistics(x).expm1().mean().item() == pytest.approx(want, rel=0.03)
     # Real shapes of renderer version 2 are flat away from their edges: noise level 0 on every image.
@@ -356,7 +355,7 @@ def test_noise_statistics_closed_form():
 
 
 def test_calibration_fid_rises_with_every_degradation(fast_extractor, tmp_path):
-    rows = {r["case"]: r for r in CAL.calibrate(fast_extractor, num=512, ref_images=2048, seed_sets=2,
+    rows = {r["case"]: r for r in calibration.calibrate(fast_extractor, num=512, ref_images=2048, seed_sets=2,
                                                 cache_dir=tmp_path)}
     fid = lambda case: rows[case]["fid_mean"]
     floor = fid("real, disjoint seeds (the floor)")
@@ -364,13 +363,13 @@ def test_calibration_fid_rises_with_every_degradation(fast_extractor, tmp_path):
     assert rows["real, disjoint seeds (the floor)"]["class_accuracy_mean"] >= 0.97  # the quickly trained network
     # Pixel noise: each level clearly above the one before (by more than 2 sd of the floor over seed sets,
     # and by 20% of the floor, so a near-zero sd cannot make a tie pass), the first clearly above the floor.
-    noise = [floor] + [fid(f"Gaussian noise sigma={s}") for s in CAL.NOISE_SIGMAS]
+    noise = [floor] + [fid(f"Gaussian noise sigma={s}") for s in calibration.NOISE_SIGMAS]
     steps = np.diff(noise)
     assert np.all(steps > 2 * floor_sd) and np.all(steps > 0.2 * floor), (noise, floor_sd)
     assert noise[1] > 1.5 * floor and noise[4] > 4 * floor
-    blur = [fid(f"Gaussian blur sigma={s} px") for s in CAL.BLUR_SIGMAS]
+    blur = [fid(f"Gaussian blur sigma={s} px") for s in calibration.BLUR_SIGMAS]
     assert blur == sorted(blur) and blur[0] > 1.5 * floor and blur[1] > 8 * floor
-    shift = [fid(f"colour shift +-{d} (R+, B-)") for d in CAL.COLOUR_SHIFTS]
+    shift = [fid(f"colour shift +-{d} (R+, B-)") for d in calibration.COLOUR_SHIFTS]
     assert shift == sorted(shift) and shift[0] > 1.5 * floor and shift[1] > 3 * floor
     assert fid("blank background (grey)") > 3 * floor
     assert min(fid("background only (no shape)"), fid("uniform noise")) > 30 * floor
@@ -380,5 +379,5 @@ def test_calibration_fid_rises_with_every_degradation(fast_extractor, tmp_path):
     assert wrong["fjd_mean"] > 10 * rows["real, disjoint seeds (the floor)"]["fjd_mean"]
     assert wrong["class_accuracy_mean"] < 0.02
     assert abs(rows["uniform noise"]["class_accuracy_mean"] - 1 / 8) < 0.06
-    table = CAL.markdown_table(list(rows.values()))
+    table = calibration.markdown_table(list(rows.values()))
     assert table.count("\n") == len(rows) + 2 and "| wrong class (labels swapped) |" in table

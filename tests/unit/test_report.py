@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from scm import report as R
+from scm import report
 from scm.study import Study
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ def results(tmp_path_factory):
 
 def effects_of(results):
     res, metrics = results
-    e = R.ablation_effects(R.load_metrics(metrics), res)
+    e = report.ablation_effects(report.load_metrics(metrics), res)
     return e[(e["steps"] == 2) & (e["metric"] == "FID")].set_index("ablation")
 
 
@@ -111,7 +111,7 @@ def test_a_known_effect_is_outside_the_noise_and_a_small_one_inside(results):
         assert e.loc[name, "verdict"] == "within noise", name
         assert e.loc[name, "diff_lo"] < 0 < e.loc[name, "diff_hi"]
     # identical differences on every seed (a coarse metric) are not called an effect
-    assert R._verdict({"diff": -0.04, "lo": -0.04, "hi": -0.04, "significant": True}, +1) == "no seed spread"
+    assert report._verdict({"diff": -0.04, "lo": -0.04, "hi": -0.04, "significant": True}, +1) == "no seed spread"
     # the diverged seed drops out: paired over seeds 0 and 2 only
     assert e.loc["c_noise_log_sigma", "n"] == 2
     assert e.loc["c_noise_log_sigma", "diff"] == pytest.approx((50.0 - 30.0 + 58.5 - 38.0) / 2)
@@ -124,13 +124,13 @@ def test_a_known_effect_is_outside_the_noise_and_a_small_one_inside(results):
 
 def test_rows_are_grouped_by_the_papers_techniques(results):
     res, metrics = results
-    table = R.ablation_table(R.load_metrics(metrics), res)
+    table = report.ablation_table(report.load_metrics(metrics), res)
     assert list(table["ablation"]) == ["full recipe", "tangent_warmup_off", "c_noise_log_sigma", "adagn_plain",
                                        "tangent_norm_clip", "my_variant", "jvp_rearrangement_off", "discrete_time"]
     # the group label starts each group; my_variant is grouped by what its config changes, not its name
-    assert list(table["technique"]) == [R.FULL, "tangent warmup", "c_noise = t", "adaptive double normalization",
+    assert list(table["technique"]) == [report.FULL, "tangent warmup", "c_noise = t", "adaptive double normalization",
                                         "tangent normalization", "adaptive weighting", "JVP rearrangement",
-                                        R.OTHER]
+                                        report.OTHER]
     row = table.set_index("ablation")
     assert row.loc["tangent_warmup_off", "ΔFID vs full (95% CI)"].endswith("worse")
     assert row.loc["tangent_norm_clip", "ΔFID vs full (95% CI)"].endswith("within noise")
@@ -140,7 +140,7 @@ def test_rows_are_grouped_by_the_papers_techniques(results):
 
 def test_stability_columns(results):
     res, metrics = results
-    row = R.ablation_table(R.load_metrics(metrics), res).set_index("ablation")
+    row = report.ablation_table(report.load_metrics(metrics), res).set_index("ablation")
     assert row.loc["c_noise_log_sigma", "diverged"] == "1/3 (s1@41)"
     assert row.loc["full recipe", "diverged"] == "0/3"
     # spikes: max / median grad norm per run (1.3, 60, 1.3), mean over the seeds, worst seed
@@ -154,15 +154,15 @@ def test_stability_columns(results):
 
 def test_header_states_the_budget_and_notes_what_cannot_matter(results, tmp_path):
     res, metrics = results
-    df = R.load_metrics(metrics)
-    header = R.ablation_header(df, res)
+    df = report.load_metrics(metrics)
+    header = report.ablation_header(df, res)
     assert header.startswith("sCD, tS, 2.4 kimg (75 iterations at batch 32), 3 seeds (0, 1, 2), fp32; "
                              "short runs: the main sCD tS run trains 4.8 kimg, its teacher 12.8 kimg")
     full = np.add(FID["full"], 0.5)
     assert f"2-step FID {full.mean():.2f} ± " in header and f"sd {full.std(ddof=1):.2f}" in header
-    notes = " ".join(R.ablation_notes(df, res))
+    notes = " ".join(report.ablation_notes(df, res))
     assert "JVP rearrangement cannot matter here" in notes and "fp32" in notes
-    R.write_ablation_tables(df, res, tmp_path / "ablations.md", tmp_path / "ablations.tex", "shapes: ablations")
+    report.write_ablation_tables(df, res, tmp_path / "ablations.md", tmp_path / "ablations.tex", "shapes: ablations")
     md = (tmp_path / "ablations.md").read_text()
     assert md.index("## 2-step sampling") < md.index("## 1-step sampling") < md.index("## Notes")
     assert md.lower().count("grad spikes") == 2  # the stability columns once (2-step table), and the note
@@ -170,12 +170,12 @@ def test_header_states_the_budget_and_notes_what_cannot_matter(results, tmp_path
 
 def test_figures_are_small_multiples_and_grids_carry_their_numbers(results, tmp_path):
     res, metrics = results
-    df = R.load_metrics(metrics)
-    techniques = R.ablation_curves(df, res, tmp_path / "curves.png")
+    df = report.load_metrics(metrics)
+    techniques = report.ablation_curves(df, res, tmp_path / "curves.png")
     assert techniques == ["tangent warmup", "c_noise = t", "adaptive double normalization", "tangent normalization",
-                          "adaptive weighting", "JVP rearrangement", R.OTHER]  # one panel column each
-    R.ablation_effects_figure(df, res, tmp_path / "effects.png")
-    titles = R.sample_montage(df, res, tmp_path / "samples.png")
+                          "adaptive weighting", "JVP rearrangement", report.OTHER]  # one panel column each
+    report.ablation_effects_figure(df, res, tmp_path / "effects.png")
+    titles = report.sample_montage(df, res, tmp_path / "samples.png")
     # the main table's numbers (FID: min over seed sets) at the steps the grid is drawn with
     assert "sCD tS, 2 step(s) (NFE 2)\nFID 7.00, class acc 0.90" in titles
     assert "TrigFlow teacher tS, 8 step(s) (NFE 8)\nFID 5.00, class acc 0.95" in titles
@@ -185,7 +185,7 @@ def test_figures_are_small_multiples_and_grids_carry_their_numbers(results, tmp_
 
 def test_build_report_writes_everything(results):
     res, metrics = results
-    paths = {p.name for p in R.build_report(metrics, res, "shapes")}
+    paths = {p.name for p in report.build_report(metrics, res, "shapes")}
     assert {"main.md", "ablations.md", "ablations.tex", "cost.md", "ablation_curves.png", "ablation_effects.png",
             "samples.png"} <= paths
     main = (res / "tables" / "main.md").read_text()
@@ -206,5 +206,5 @@ def test_a_run_whose_trainer_died_is_named_in_the_stability_column(tmp_path):
         run_dir = res / "runs" / f"scd-tS-adagn_plain-s{seed}"
         run_dir.mkdir(parents=True)
         (run_dir / "status.json").write_text(json.dumps(status))
-    cells = R._stability_cells(res, "scd", "tS", "adagn_plain")
+    cells = report._stability_cells(res, "scd", "tS", "adagn_plain")
     assert cells["diverged"] == "0/2 (s1 dead)"

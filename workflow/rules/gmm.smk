@@ -7,7 +7,7 @@ from scm.exact_study import ExactStudy
 EXACT = (
     ExactStudy(config) if config["dataset"] == "gmm" and config.get("exact") else None
 )
-EX = f"{RESULTS}/exact"
+EXACT_RESULTS = f"{RESULTS}/exact"
 EXACT_GROUPS = list(EXACT.groups()) if EXACT else []
 EXACT_OUTPUTS = (
     [
@@ -26,7 +26,7 @@ wildcard_constraints:
 
 rule exact_reference:
     output:
-        f"{EX}/reference.pt",
+        f"{EXACT_RESULTS}/reference.pt",
     log:
         f"{RESULTS}/logs/exact/reference.log",
     priority: 20
@@ -41,10 +41,10 @@ rule exact_reference:
 
 rule exact_train:
     input:
-        reference=f"{EX}/reference.pt",
+        reference=f"{EXACT_RESULTS}/reference.pt",
         teacher=exact_teacher_final,
     output:
-        f"{EX}/groups/{{group}}.json",
+        f"{EXACT_RESULTS}/groups/{{group}}.json",
     log:
         f"{RESULTS}/logs/exact/{{group}}.log",
     conda:
@@ -78,8 +78,8 @@ rule exact_map2d:
 
 rule exact_report:
     input:
-        reference=f"{EX}/reference.pt",
-        metrics=expand(f"{EX}/groups/{{group}}.json", group=EXACT_GROUPS),
+        reference=f"{EXACT_RESULTS}/reference.pt",
+        metrics=expand(f"{EXACT_RESULTS}/groups/{{group}}.json", group=EXACT_GROUPS),
     output:
         table=report(
             f"{RESULTS}/tables/exact.md", category="Exact study", subcategory="Table"
