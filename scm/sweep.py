@@ -5,7 +5,7 @@ fields (dotted keys), the base run every trial trains (dataset x size x method +
 objective (FID of the EMA network at 1 or 2 consistency steps), the direction, sampler, pruner, trial
 budget and storage.
 
-    OUT/journal.log         the study: JournalStorage (several processes on one filesystem), or an RDB URL
+    OUT/journal.log         the Optuna study: JournalStorage (several processes on one filesystem), or an RDB URL
     OUT/trials/<number>/    one training run per trial (the storage numbers trials: decidable up front)
     OUT/trials.csv          study.trials_dataframe()
     OUT/best.yaml           the best trial's complete config overrides: dataset, size, method, the study's
@@ -13,9 +13,9 @@ budget and storage.
     OUT/figures/*.png       optimization history, parallel coordinates, importances, intermediate values
     OUT/workers/<stamp>/    submitit logs of the worker processes / jobs
 
-One coordinating process (run_sweep) prepares the study, marks trials left RUNNING by a crashed run as
+One coordinating process (run_sweep) prepares the Optuna study, marks trials left RUNNING by a crashed run as
 FAIL (journal files have no heartbeat), then starts the workers (run_worker: in-process, local
-subprocesses or a SLURM job array), which optimize the same study until the trial budget is spent.
+subprocesses or a SLURM job array), which optimize the same Optuna study until the trial budget is spent.
 
 Crashes:
 - A journal file whose last record is torn (a crash mid-append, a full disk) is repaired when it is opened:
@@ -271,21 +271,21 @@ class TrialBudget(optuna.study.MaxTrialsCallback):
     def __init__(self, n_trials: int):
         super().__init__(n_trials, states=COUNTED)
 
-    def reached(self, study: optuna.Study) -> bool:
-        trials = study.get_trials(deepcopy=False)
+    def reached(self, optuna_study: optuna.Study) -> bool:
+        trials = optuna_study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
             return False
         return sum(t.state in COUNTED for t in trials) >= self._n_trials
 
-    def remaining(self, study: optuna.Study) -> int:
+    def remaining(self, optuna_study: optuna.Study) -> int:
         """Trials still to run: new ones up to the budget, and at least every waiting one."""
-        trials = study.get_trials(deepcopy=False)
+        trials = optuna_study.get_trials(deepcopy=False)
         waiting = sum(t.state == TrialState.WAITING for t in trials)
         return max(self._n_trials - sum(t.state in COUNTED for t in trials), waiting)
 
-    def __call__(self, study: optuna.Study, trial) -> None:
-        if self.reached(study):
-            study.stop()
+    def __call__(self, optuna_study: optuna.Study, trial) -> None:
+        if self.reached(optuna_study):
+            optuna_study.stop()
 
 
 # ----------------------------------------------------------------------------
@@ -382,7 +382,7 @@ class TrainingObjective:
 
 
 # ----------------------------------------------------------------------------
-# A worker: optimize the shared study until the budget is spent.
+# A worker: optimize the shared Optuna study until the budget is spent.
 
 
 def _guard(objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
@@ -432,7 +432,7 @@ def _exit_with(pid: int, poll_s: float = 1.0) -> None:
 def run_worker(spec: SweepSpec, storage: str, objective: Callable[[optuna.Trial], float], worker: int = 0,
                coordinator_pid: int | None = None) -> list[int]:
     """One worker (in the coordinator's process for the debug launcher, else in supervise_worker's child):
-    load the study and optimize it until the budget is spent. Diverged or infeasible trials fail and the
+    load the Optuna study and optimize it until the budget is spent. Diverged or infeasible trials fail and the
     worker goes on. Returns the trial numbers it ran."""
     import torch
 
@@ -442,12 +442,12 @@ def run_worker(spec: SweepSpec, storage: str, objective: Callable[[optuna.Trial]
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if coordinator_pid:
         _exit_with(coordinator_pid)
-    study = optuna.load_study(study_name=spec.name, storage=make_storage(storage, spec),
+    optuna_study = optuna.load_study(study_name=spec.name, storage=make_storage(storage, spec),
                               sampler=make_sampler(spec, worker), pruner=make_pruner(spec))
     budget, ran = TrialBudget(spec.n_trials), []
-    if budget.reached(study):
+    if budget.reached(optuna_study):
         return ran
-    study.optimize(_guard(objective), callbacks=[lambda s, t: ran.append(t.number), budget],
+    optuna_study.optimize(_guard(objective), callbacks=[lambda s, t: ran.append(t.number), budget],
                    catch=(DivergedError, ConfigError, torch.OutOfMemoryError), gc_after_trial=True)
     log.info("worker %d ran trials %s", worker, ran)
     return ran
@@ -541,7 +541,7 @@ def _move_aside(paths: list[Path], stamp: str) -> None:
 
 
 def open_study(spec: SweepSpec, storage: str, restart: bool = False, out: str | Path | None = None) -> optuna.Study:
-    """Create the study or load it. A study declared differently (space, base, objective, direction) is an
+    """Create the Optuna study or load it. One declared differently (space, base, objective, direction) is an
     error, and so is a storage without the study while OUT holds an earlier study's outputs (an emptied or
     deleted journal: a new study would overwrite them); restart moves the old journal (a file holding only
     this study) and the outputs aside and starts afresh."""
@@ -560,9 +560,9 @@ def open_study(spec: SweepSpec, storage: str, restart: bool = False, out: str | 
             log.warning("%s holds no study %r: moving the earlier outputs in %s aside (.%s.bak)", storage, spec.name,
                         out, stamp)
             _move_aside([out / name for name in MOVED_ON_RESTART], stamp)
-    study = optuna.create_study(study_name=spec.name, storage=backend, direction=spec.direction,
+    optuna_study = optuna.create_study(study_name=spec.name, storage=backend, direction=spec.direction,
                                 load_if_exists=True)
-    old = study.user_attrs.get("spec")
+    old = optuna_study.user_attrs.get("spec")
     if old is not None and old != spec.identity():
         diff = sorted(k for k in spec.identity() if old.get(k) != spec.identity()[k])
         if not restart:
@@ -575,17 +575,17 @@ def open_study(spec: SweepSpec, storage: str, restart: bool = False, out: str | 
         _move_aside([Path(storage)] + [out / name for name in MOVED_ON_RESTART], stamp)
         return open_study(spec, storage, out=out)
     if old is None:
-        study.set_user_attr("spec", spec.identity())
-    return study
+        optuna_study.set_user_attr("spec", spec.identity())
+    return optuna_study
 
 
-def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, retry: int = 1) -> list[int]:
+def fail_stale_trials(optuna_study: optuna.Study, storage: optuna.storages.BaseStorage, retry: int = 1) -> list[int]:
     """Mark every RUNNING trial FAIL (reason 'stale after restart') and enqueue its params again (up to
     `retry` times). Journal files have no heartbeat: call this only in the coordinating process, before
     any worker of this study runs. `storage` is the study's storage (Optuna's public storage API: a
     Study does not expose its own)."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    study_id = storage.get_study_id_from_name(study.study_name)
+    stale = optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    study_id = storage.get_study_id_from_name(optuna_study.study_name)
     for t in stale:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         # The reason first: a finished trial's attributes can no longer be set.
@@ -593,7 +593,7 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
         retries = t.user_attrs.get("retries", 0)
         if retries < retry and t.params:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.user_attrs.get("retry_of", t.number),
+            optuna_study.enqueue_trial(t.params, user_attrs={"retry_of": t.user_attrs.get("retry_of", t.number),
                                                       "retries": retries + 1})
     if stale:
         log.warning("marked stale trials %s FAIL (%s)", [t.number for t in stale], STALE_REASON)
@@ -666,17 +666,17 @@ def run_sweep(spec: SweepSpec, out: str | Path, workers: int = 1, launcher: str 
     storage = resolve_storage(spec, out)
     if launcher == "slurm":
         _wait_for_previous_jobs(out)
-    study = open_study(spec, storage, restart, out)
+    optuna_study = open_study(spec, storage, restart, out)
     if is_url(storage):  # RDB: trials whose heartbeat stopped fail (and are retried) before counting
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+            optuna.storages.fail_stale_trials(optuna_study)
     else:
         backend = make_storage(storage, spec)
         fail_stale_trials(optuna.load_study(study_name=spec.name, storage=backend), backend, spec.retry_stale)
     objective = objective or TrainingObjective(spec, out)
     budget = TrialBudget(spec.n_trials)
-    n = min(max(1, workers), budget.remaining(study))
+    n = min(max(1, workers), budget.remaining(optuna_study))
     errors = []
     if n > 0:
         if hasattr(objective, "prepare"):
@@ -684,20 +684,20 @@ def run_sweep(spec: SweepSpec, out: str | Path, workers: int = 1, launcher: str 
         errors = _launch(spec, storage, objective, n, launcher, profile, out)
     else:
         log.info("study %s already has its %d trials", spec.name, spec.n_trials)
-    study = optuna.load_study(study_name=spec.name, storage=make_storage(storage, spec))
-    summary = write_outputs(study, spec, out, Path(figures or spec.figures or out / "figures"))
+    optuna_study = optuna.load_study(study_name=spec.name, storage=make_storage(storage, spec))
+    summary = write_outputs(optuna_study, spec, out, Path(figures or spec.figures or out / "figures"))
     summary.update({"storage": storage, "seconds": round(time.time() - t0, 2), "worker_errors": errors})
     details = "".join(f"\n{e}" for e in errors)
     if summary["complete"] == 0:
         raise SweepError(f"study {spec.name!r}: no trial completed ({summary['pruned']} pruned, "
                          f"{summary['fail']} failed); see {summary['trials_csv']}" + details, summary)
     # Every worker of this run ended: a trial still RUNNING lost its worker (the budget counted it).
-    left = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    left = [t.number for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
     if left and n > 0:
         raise SweepError(f"study {spec.name!r}: trials {left} left RUNNING by a killed worker, so the budget of "
                          f"{spec.n_trials} is not met; run the same command again to retry them" + details, summary)
-    if budget.remaining(study) > 0:
-        raise SweepError(f"study {spec.name!r}: {budget.remaining(study)} trials of {spec.n_trials} still to "
+    if budget.remaining(optuna_study) > 0:
+        raise SweepError(f"study {spec.name!r}: {budget.remaining(optuna_study)} trials of {spec.n_trials} still to "
                          "run (run the same command again to continue)" + details, summary)
     return summary
 
@@ -728,16 +728,16 @@ def best_overrides(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
             **params}
 
 
-def write_best_yaml(study: optuna.Study, spec: SweepSpec, path: str | Path) -> Path:
+def write_best_yaml(optuna_study: optuna.Study, spec: SweepSpec, path: str | Path) -> Path:
     """The best trial's complete config as nested overrides (best_overrides), so that `scm train --config
     THIS_FILE` trains exactly the trial's config; trial, value and config hash in a header."""
-    best, path = study.best_trial, Path(path)
+    best, path = optuna_study.best_trial, Path(path)
     overrides = best_overrides(spec, best.params)
     cfg_hash = config_hash(resolve_from_dict(nest(overrides)))
     if best.user_attrs.get("config_hash", cfg_hash) != cfg_hash:  # recorded by TrainingObjective
         log.warning("%s: trial %d ran config %s, its overrides now resolve to %s (presets changed since?)",
                     path, best.number, best.user_attrs["config_hash"], cfg_hash)
-    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+    counts = {s.name.lower(): len(optuna_study.get_trials(deepcopy=False, states=(s,)))
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     header = [f"# Best trial of sweep study '{spec.name}' (scm sweep): every config override it trained with",
               "# (dataset, size, method, the study's base overrides, and the searched params "
@@ -751,7 +751,7 @@ def write_best_yaml(study: optuna.Study, spec: SweepSpec, path: str | Path) -> P
     return path
 
 
-def write_figures(study: optuna.Study, out_dir: str | Path) -> list[str]:
+def write_figures(optuna_study: optuna.Study, out_dir: str | Path) -> list[str]:
     """PNG plots through optuna.visualization.matplotlib; each one guarded (importances need >= 2
     completed trials and may fail): a plot that cannot be drawn is logged and skipped."""
     import matplotlib
@@ -763,7 +763,7 @@ def write_figures(study: optuna.Study, out_dir: str | Path) -> list[str]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    complete = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     plots = {"history": vis.plot_optimization_history, "parallel_coordinate": vis.plot_parallel_coordinate,
              "param_importances": vis.plot_param_importances, "intermediate_values": vis.plot_intermediate_values}
     written = []
@@ -774,7 +774,7 @@ def write_figures(study: optuna.Study, out_dir: str | Path) -> list[str]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # experimental API; degenerate axes of tiny studies
-                ax = plot(study)
+                ax = plot(optuna_study)
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
             path = out_dir / f"{name}.png"
             fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -785,20 +785,20 @@ def write_figures(study: optuna.Study, out_dir: str | Path) -> list[str]:
     return written
 
 
-def write_outputs(study: optuna.Study, spec: SweepSpec, out: Path, figures: Path) -> dict:
+def write_outputs(optuna_study: optuna.Study, spec: SweepSpec, out: Path, figures: Path) -> dict:
     """trials.csv always; best.yaml and figures once a trial completed. Returns the summary."""
-    df = study.trials_dataframe()
+    df = optuna_study.trials_dataframe()
     atomic_write_text(out / "trials.csv", df.to_csv(index=False))
-    count = lambda s: len(study.get_trials(deepcopy=False, states=(s,)))
+    count = lambda s: len(optuna_study.get_trials(deepcopy=False, states=(s,)))
     # running: left RUNNING by a killed worker once every worker ended; waiting: retries not yet run.
-    summary = {"study": spec.name, "n_trials": spec.n_trials, "trials": len(study.trials),
+    summary = {"study": spec.name, "n_trials": spec.n_trials, "trials": len(optuna_study.trials),
                "complete": count(TrialState.COMPLETE), "pruned": count(TrialState.PRUNED),
                "fail": count(TrialState.FAIL), "running": count(TrialState.RUNNING),
                "waiting": count(TrialState.WAITING), "trials_csv": str(out / "trials.csv"), "best_yaml": None,
                "best_trial": None, "best_value": None, "best_params": None, "figures": []}
     if summary["complete"]:
-        best = study.best_trial
+        best = optuna_study.best_trial
         summary.update(best_trial=best.number, best_value=best.value, best_params=best.params,
-                       best_yaml=str(write_best_yaml(study, spec, out / "best.yaml")))
-        summary["figures"] = write_figures(study, figures)
+                       best_yaml=str(write_best_yaml(optuna_study, spec, out / "best.yaml")))
+        summary["figures"] = write_figures(optuna_study, figures)
     return summary
