@@ -776,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--metrics", nargs="+", required=True, help="metrics JSON files from scm evaluate")
     rep.add_argument("--results", default="results", help="the study's results folder (runs/, samples/)")
     rep.add_argument("--dataset", required=True, help="the study's dataset (paper numbers where it is one)")
-    rep.add_argument("--reference", default="results/reference/paper-tables.csv", help="the paper's numbers")
+    rep.add_argument("--reference", default="resources/paper-tables.csv", help="the paper's numbers")
     rep.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="benchmarks (median of repeats, hardware stated)")

@@ -1,7 +1,7 @@
 """The study report: the paper's tables and figures regenerated from our runs (and the paper's numbers).
 
 Inputs: metrics JSON files (scm evaluate), each run's stats.jsonl / run.json, sample grids, and the
-paper's numbers (results/reference/paper-tables.csv). Outputs under RESULTS/tables and RESULTS/figures.
+paper's numbers (resources/paper-tables.csv). Outputs under RESULTS/tables and RESULTS/figures.
 """
 
 from __future__ import annotations

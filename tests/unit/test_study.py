@@ -83,7 +83,7 @@ def test_reference_table_holds_the_abstracts_headline_numbers():
     # The paper's abstract: 2-step FID 2.06 (CIFAR-10), 1.48 (ImageNet 64x64), 1.88 (ImageNet 512x512).
     import pandas as pd
 
-    table = pd.read_csv(ROOT / "results" / "reference" / "paper-tables.csv")
+    table = pd.read_csv(ROOT / "resources" / "paper-tables.csv")
     two_step = table[table["nfe"] == 2]
     for dataset, fid in (("cifar10", 2.06), ("imagenet64", 1.48), ("imagenet512", 1.88)):
         assert two_step[two_step["dataset"] == dataset]["fid"].min() == pytest.approx(fid), dataset

@@ -9,7 +9,7 @@ rule report:
             f"{RESULTS}/samples/{{run}}/grid.png",
             run=[r.run_id for r in STUDY.main_runs()],
         ),
-        reference="results/reference/paper-tables.csv",
+        reference="resources/paper-tables.csv",
     output:
         main_md=report(
             f"{RESULTS}/tables/main.md",
