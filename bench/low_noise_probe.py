@@ -32,20 +32,26 @@ PROBE_DATA_SEED, PROBE_NOISE_SEED, NUM = 7, 0, 256
 
 
 @torch.no_grad()
-def low_noise_ratio(run_dir: Path) -> dict[str, float]:
+def low_noise_ratio(net, sigma_d: float, x0: torch.Tensor, labels: torch.Tensor | None,
+                    noise: torch.Tensor) -> dict[str, float]:
+    """rmse(D(x0 + sigma n) - x0) / sigma at each of SIGMAS, D the network's TrigFlow x0-prediction."""
+    out = {}
+    for sigma in SIGMAS:
+        t = math.atan(sigma / sigma_d)
+        x_t = math.cos(t) * (x0 + sigma * noise)
+        F = net(x_t / sigma_d, torch.full((len(x0),), t), labels, None)
+        D = math.cos(t) * x_t - math.sin(t) * sigma_d * F
+        out[f"{sigma:g}"] = round(float((D - x0).pow(2).mean().sqrt() / sigma), 3)
+    return out
+
+
+def run_ratio(run_dir: Path) -> dict[str, float]:
+    """The probe on a finished run's EMA network, with held-out shapes of its renderer version."""
     net, cfg = load_final(run_dir)
     images, labels = generate_shapes(NUM, cfg.data.resolution, seed=PROBE_DATA_SEED, version=cfg.data.shapes_version)
     x0 = torch.from_numpy(images).float() / 127.5 - 1
-    labels = torch.from_numpy(labels)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(PROBE_NOISE_SEED))
-    out = {}
-    for sigma in SIGMAS:
-        t = math.atan(sigma / cfg.sigma_d)
-        x_t = math.cos(t) * (x0 + sigma * noise)
-        F = net(x_t / cfg.sigma_d, torch.full((NUM,), t), labels, None)
-        D = math.cos(t) * x_t - math.sin(t) * cfg.sigma_d * F
-        out[f"{sigma:g}"] = round(float((D - x0).pow(2).mean().sqrt() / sigma), 3)
-    return out
+    return low_noise_ratio(net, cfg.sigma_d, x0, torch.from_numpy(labels), noise)
 
 
 def main(argv=None) -> None:
@@ -54,7 +60,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     for run_dir in args.run_dirs:
-        print(json.dumps({"run": run_dir.name, "ratio": low_noise_ratio(run_dir)}))
+        print(json.dumps({"run": run_dir.name, "ratio": run_ratio(run_dir)}))
 
 
 if __name__ == "__main__":

@@ -254,13 +254,19 @@ def cmd_bench_step(args) -> int:
     return 0
 
 
+def _layout(text: str) -> tuple[int, int]:
+    """'JxK' (J jobs of K threads, both >= 1) for `scm bench threads --layouts`."""
+    jobs, _, threads = text.partition("x")
+    if not (jobs.isdigit() and threads.isdigit() and int(jobs) > 0 and int(threads) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not JxK (e.g. 2x1: 2 jobs of 1 thread)")
+    return int(jobs), int(threads)
+
+
 def cmd_bench_threads(args) -> int:
-    from scm.bench.output import write_csv
-    from scm.bench.threads import thread_layouts
+    from scm.bench import thread_layouts, write_csv
 
     hw = _bench_setup(args)
-    layouts = [tuple(int(n) for n in lay.split("x")) for lay in args.layouts]
-    rows = thread_layouts(layouts, size=args.size, batch=args.batch, mixes=args.mixes, repeats=args.repeats)
+    rows = thread_layouts(args.layouts, size=args.size, batch=args.batch, mixes=args.mixes, repeats=args.repeats)
     print(f"{'layout':<7} {'mixes':>5} {'median s':>9} {'min s':>8} {'max s':>8} {'mixes/s':>8}")
     for r in rows:
         print(f"{r.layout:<7} {r.mixes:>5} {r.median_s:>9.2f} {r.min_s:>8.2f} {r.max_s:>8.2f} {r.mixes_per_s:>8.3f}")
@@ -795,7 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     thr = bsub.add_parser("threads", help="J jobs x K threads for the study's mix (teacher + sCD steps): "
                                           "throughput of each layout doing the same work")
-    thr.add_argument("--layouts", nargs="+", default=["2x1", "1x2"], help="JxK: J concurrent jobs, K threads each")
+    thr.add_argument("--layouts", nargs="+", type=_layout, default=[(2, 1), (1, 2)],
+                     help="JxK: J concurrent jobs, K threads each")
     thr.add_argument("--size", default="tS")
     thr.add_argument("--batch", type=int, default=32)
     thr.add_argument("--mixes", type=int, default=20, help="teacher + sCD step pairs per job of the widest layout")

@@ -5,6 +5,7 @@
   JVP engines: manual, torch.func.jvp, the float64 central difference).
 - kernels: `attention_benchmark` (math, blockwise and fused attention JVP against sequence length, time
   and peak memory), `sampling_benchmark` (images/s of consistency and teacher sampling).
+- threads: `thread_layouts` (J concurrent jobs x K torch threads doing the same training work).
 - orchestration: `dag_benchmark` (Snakemake's DAG construction), `slurm_latency_benchmark`.
 - overhead: a finished pipeline's wall time split into the work its runs report and the rest.
 - output: `write_csv` and the `plot_*` functions write the files; everything else returns rows.
@@ -25,6 +26,7 @@ from scm.bench.kernels import (
 )
 from scm.bench.orchestration import OrchestrationTiming, dag_benchmark, slurm_latency_benchmark
 from scm.bench.output import plot_attention, plot_orchestration, plot_sampling, plot_timings, write_csv
+from scm.bench.threads import LayoutTiming, thread_layouts
 from scm.bench.training import (
     JVP_METHODS,
     jvp_benchmark,
@@ -40,5 +42,5 @@ __all__ = [
     "attention_memory_ratio", "dag_benchmark", "hardware", "jvp_benchmark", "jvp_ratios",
     "largest_allocation_bytes", "plot_attention", "plot_orchestration", "plot_sampling", "plot_timings",
     "ratios", "ratios_by_batch", "sampling_benchmark", "slurm_latency_benchmark", "step_benchmark",
-    "step_peak_memory", "write_csv",
+    "step_peak_memory", "thread_layouts", "LayoutTiming", "write_csv",
 ]

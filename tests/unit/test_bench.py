@@ -138,3 +138,6 @@ def test_thread_layouts_do_the_same_work(tmp_path, capsys):
     assert main(["bench", "threads", "--layouts", "1x1", "--batch", "4", "--mixes", "1", "--repeats", "1",
                  "--out", str(out)]) == 0
     assert "1x1" in capsys.readouterr().out and out.exists()
+    with pytest.raises(SystemExit) as exit_info:  # bad input: one line naming the value, before any work
+        main(["bench", "threads", "--layouts", "2by1"])
+    assert exit_info.value.code == 2 and "'2by1' is not JxK" in capsys.readouterr().err
