@@ -586,6 +586,13 @@ def cmd_data_fetch_weights(args) -> int:
     return 0
 
 
+def _write_record(path, record: dict) -> None:
+    if path:
+        from scm.fileio import atomic_write_json
+
+        atomic_write_json(path, record)
+
+
 def cmd_data_build_extractor(args) -> int:
     from scm import extractors
     from scm.shapes import SHAPES_VERSIONS
@@ -604,11 +611,13 @@ def cmd_data_build_extractor(args) -> int:
         except ValueError as e:
             return _user_error(ValueError(f"{e} (or --force retrains)"))
         print(f"{out} exists (test accuracy {meta['test_accuracy']:.4f}); --force retrains")
+        _write_record(args.record, {**meta, "train_seconds": 0.0, "job_seconds": 0.0, "reused": True})
         return 0
     meta = extractors.train_shapes_extractor(out, args.shapes_version, steps=args.steps)
+    _write_record(args.record, meta)  # the training's record, timings included (the artifact's bytes have none)
     print(f"wrote {out}: {meta['name']} on shapes version {meta['shapes_version']}, test accuracy "
           f"{meta['test_accuracy']:.4f} and reconstruction RMSE {meta['test_recon_rmse']:.4f} on "
-          f"{meta['test_images']} held-out images, {meta['train_seconds']:.1f} s")
+          f"{meta['test_images']} held-out images, {meta['job_seconds']:.1f} s")
     return 0
 
 
@@ -744,6 +753,20 @@ def cmd_exact(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------
+# scm serve
+
+
+def cmd_serve(args) -> int:
+    from scm import forkserver
+
+    if Path(args.socket).exists():
+        raise UsageError(f"--socket: {args.socket} exists (another server, or a stale one: remove it)")
+    preload = tuple(m for m in args.preload.split(",") if m) if args.preload is not None else forkserver.PRELOAD
+    forkserver.serve(args.socket, preload)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="scm", description="Continuous-time consistency models (sCM): "
                                 "train, sample, evaluate, benchmark.")
@@ -754,6 +777,13 @@ def build_parser() -> argparse.ArgumentParser:
     sizes = info.add_parser("sizes", help="model sizes with parameter counts (counted on the meta device)")
     sizes.add_argument("--dataset", default="imagenet512")
     sizes.set_defaults(func=cmd_info_sizes)
+
+    serve = sub.add_parser("serve", help="fork server: imports torch once, then runs each `scm` command whose "
+                           "environment sets SCM_SERVER=SOCKET in a forked child (make run starts one)")
+    serve.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    serve.add_argument("--preload", default=None,
+                       help="comma-separated modules to import first (default: torch, torch_fidelity, scm's)")
+    serve.set_defaults(func=cmd_serve)
 
     conf = sub.add_parser("config", help="run configurations").add_subparsers(dest="what", required=True)
     fields = conf.add_parser("fields", help="every config field: key, type, default, choices, help (Markdown)")
@@ -933,6 +963,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default results/artifacts/shapes-features-v{extractor}-data{shapes version}.pt")
     be.add_argument("--steps", type=int, default=600)
     be.add_argument("--force", action="store_true")
+    be.add_argument("--record", default=None,
+                    help="also write the training's record as JSON: accuracy, settings, train_seconds (the loop)")
     be.set_defaults(func=cmd_data_build_extractor)
     cal = dsub.add_parser("calibrate", help="the shapes metrics' calibration table: real vs real, degradations, "
                           "runs (docs/metrics.md)")
@@ -992,6 +1024,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `scm` entry point: through the fork server when SCM_SERVER names one (scm.forkserver), else here."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] != ["serve"]:
+        from scm import forkserver
+
+        code, note = forkserver.delegate([sys.argv[0], *argv])
+        if note:
+            print(f"scm: {note}", file=sys.stderr)
+        if code is not None:
+            return code
+    return run(argv)
+
+
+def run(argv: list[str]) -> int:
+    """Run one `scm` command in this process."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -145,7 +145,8 @@ def train_shapes_extractor(path=None, shapes_version: int = 1, steps: int = 500,
                            label_smoothing: float = 0.1) -> dict:
     """Train the shapes feature network on renderer version `shapes_version` and save {version, state_dict,
     meta} atomically to `path` (default shapes_extractor_path(shapes_version)); returns meta (held-out class
-    accuracy and reconstruction RMSE on a set drawn with another seed, settings, torch version, seconds)."""
+    accuracy and reconstruction RMSE on a set drawn with another seed, settings, torch version; train_seconds:
+    the training steps, job_seconds: everything from rendering the sets to saving)."""
     from scm.shapes import SHAPE_CLASSES, generate_shapes
 
     t0 = time.time()
@@ -162,6 +163,7 @@ def train_shapes_extractor(path=None, shapes_version: int = 1, steps: int = 500,
         opt = torch.optim.Adam(net.parameters(), lr)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
         g = torch.Generator().manual_seed(seed)
+        t_steps = time.time()
         # Random batches with horizontal flips (every class is symmetric under them; the target flips too).
         for _ in range(steps):
             idx = torch.randint(len(xtr), (batch,), generator=g)
@@ -177,6 +179,7 @@ def train_shapes_extractor(path=None, shapes_version: int = 1, steps: int = 500,
             loss.backward()
             opt.step()
             sched.step()
+        steps_seconds = time.time() - t_steps
         net.eval()
         with torch.no_grad():
             acc = float((net(xte)[1].argmax(1) == yte).float().mean())
@@ -205,7 +208,7 @@ def train_shapes_extractor(path=None, shapes_version: int = 1, steps: int = 500,
     seconds = round(time.time() - t0, 2)
     log.info("shapes feature extractor: test accuracy %.4f, reconstruction RMSE %.4f, %.1f s -> %s",
              acc, rmse, seconds, path)
-    return {**meta, "train_seconds": seconds}
+    return {**meta, "train_seconds": round(steps_seconds, 2), "job_seconds": seconds}
 
 
 def ensure_shapes_extractor(path=None, shapes_version: int = 1) -> Path:

@@ -359,9 +359,18 @@ class TrainingObjective:
             log.warning("removing %s left by an earlier study", run_dir)
             shutil.rmtree(run_dir)
 
+        eval_seconds = [0.0]  # sampling and scoring (scm bench overhead counts it as the trial's work)
+
+        def scored(net, num: int) -> float:
+            t = time.time()
+            value = self.fid(net, cfg, num)
+            eval_seconds[0] += time.time() - t
+            trial.set_user_attr("eval_seconds", round(eval_seconds[0], 3))
+            return value
+
         def on_eval(step: int, kimg: float, ema) -> None:
             # Intermediate FID for the pruner; a non-finite one is a diverged run.
-            value = self.fid(ema, cfg, self.spec.objective.eval_num_samples)
+            value = scored(ema, self.spec.objective.eval_num_samples)
             if not math.isfinite(value):
                 raise DivergedError(f"non-finite FID {value} at step {step}")
             trial.report(value, step)
@@ -376,7 +385,7 @@ class TrainingObjective:
             trial.set_user_attr("seconds", round(time.time() - t0, 2))
             raise optuna.TrialPruned(str(e)) from None
         net, _ = load_final(run_dir, "ema", resolve_device(cfg.run.device))
-        value = self.fid(net, cfg, self.spec.objective.num_samples)
+        value = scored(net, self.spec.objective.num_samples)
         trial.set_user_attr("seconds", round(time.time() - t0, 2))
         return value
 

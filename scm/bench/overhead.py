@@ -5,8 +5,10 @@ From a finished study (its results folder) and the pipeline's wall time:
 - job time: every rule's `benchmark:` file (Snakemake measures each job's wall seconds; with
   --benchmark-extended, as the profiles set it, a job of N threads holds N cores);
 - work: what the jobs themselves report doing: training steps (stats.jsonl: sec_per_kimg x kimg of each
-  logged window; a sweep's trials likewise), sampling and metrics (metrics.json: sample_seconds,
-  metric_seconds); rules that report nothing (configs, sample grids, the report) count as overhead;
+  logged window; a sweep's trials likewise, plus the seconds its objective spent sampling and scoring,
+  trials.csv), sampling and metrics (metrics.json: sample_seconds, metric_seconds), the shapes feature
+  network's training steps (its record, artifacts/shapes-features-data<V>.json); rules that report nothing
+  (configs, sample grids, the report) count as overhead;
 - per-job overhead = job time - work (process start-up, imports, setup such as building networks, loading
   extractors and reference statistics, checkpoint and report writing);
 - idle = cores x wall - job time (slots the scheduler left empty: dependencies, Snakemake's own
@@ -64,14 +66,27 @@ def evaluation_seconds(metrics_path: Path) -> float:
     return sum(float(e.get("sample_seconds") or 0) + float(e.get("metric_seconds") or 0) for e in entries)
 
 
+def trial_evaluation_seconds(trials_csv: Path) -> float:
+    """Seconds a sweep's trials spent sampling and scoring (the objective's FIDs): trials.csv's eval_seconds."""
+    if not trials_csv.exists():
+        return 0.0
+    with open(trials_csv) as f:
+        return sum(float(row.get("user_attrs_eval_seconds") or 0) for row in csv.DictReader(f))
+
+
 def _work_of(rule: str, name: str, results: Path) -> float:
     """The work one job reports, from its benchmark file's name (the job's wildcard)."""
     if rule in ("train", "train_teacher"):
         return training_seconds(results / "runs" / name)
     if rule == "evaluate" and (results / "metrics" / f"{name}.json").exists():
         return evaluation_seconds(results / "metrics" / f"{name}.json")
-    if rule == "sweeps":  # each trial is a training run of its own
-        return sum(training_seconds(d) for d in (results / "sweeps" / name / "trials").glob("*") if d.is_dir())
+    if rule == "sweeps":  # each trial is a training run of its own, scored by sampling
+        sweep = results / "sweeps" / name
+        return (sum(training_seconds(d) for d in (sweep / "trials").glob("*") if d.is_dir())
+                + trial_evaluation_seconds(sweep / "trials.csv"))
+    if rule == "extractor":  # the shapes feature network's training steps (its record; `data2` -> version 2)
+        record = results / "artifacts" / f"shapes-features-{name}.json"
+        return float(json.loads(record.read_text()).get("train_seconds", 0.0)) if record.exists() else 0.0
     return 0.0
 
 

@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # docs/architecture.md, top to bottom.
 LAYERS = [
-    {"cli"},
+    {"cli", "forkserver"},
     {"study", "launch", "sweep", "sweep_spec", "eval_shards", "exact_study", "report", "exact_report", "bench"},
     {"train", "evaluate", "metrics", "extractors", "calibration", "exact", "tracking"},
     {"losses", "networks", "attention", "triton_attention", "samplers", "ema"},

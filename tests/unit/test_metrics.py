@@ -1,5 +1,6 @@
 """scm.metrics: Fréchet distance, the shapes and DINOv2 extractors, torch-fidelity agreement, reference stats."""
 
+import json
 import math
 import os
 import pickle
@@ -244,7 +245,7 @@ def test_extractor_per_renderer_version(version, tmp_path):
     assert path.name == f"shapes-features-v{extractors.SHAPES_EXTRACTOR_VERSION}-data{version}.pt"
     meta = extractors.train_shapes_extractor(path, version, steps=2, batch=8, train_images=64, test_images=16)
     assert meta["shapes_version"] == version and extractors.load_shapes_extractor(path, version)[1] == {
-        k: v for k, v in meta.items() if k != "train_seconds"}
+        k: v for k, v in meta.items() if k not in ("train_seconds", "job_seconds")}
     with pytest.raises(ValueError, match=f"trained on data.shapes_version {version}"):
         extractors.load_shapes_extractor(path, version + 1)
     real = torch.from_numpy(generate_shapes(32, version=version)[0])
@@ -381,3 +382,20 @@ def test_calibration_fid_rises_with_every_degradation(fast_extractor, tmp_path):
     assert abs(rows["uniform noise"]["class_accuracy_mean"] - 1 / 8) < 0.06
     table = calibration.markdown_table(list(rows.values()))
     assert table.count("\n") == len(rows) + 2 and "| wrong class (labels swapped) |" in table
+
+
+def test_build_extractor_writes_its_record(tmp_path):
+    from scm.cli import main
+
+    out, record = tmp_path / "x.pt", tmp_path / "x.json"
+    assert main(["data", "build-extractor", "--shapes-version", "2", "--steps", "2", "--out", str(out),
+                 "--record", str(record)]) == 0
+    meta = json.loads(record.read_text())
+    assert meta["steps"] == 2 and meta["shapes_version"] == 2
+    assert 0 < meta["train_seconds"] <= meta["job_seconds"]  # the loop is part of the job
+    assert extractors.load_shapes_extractor(out, 2)[1]["test_accuracy"] == meta["test_accuracy"]
+    # an artifact already there is reused: its record says so, with no training time
+    record.unlink()
+    assert main(["data", "build-extractor", "--shapes-version", "2", "--out", str(out), "--record", str(record)]) == 0
+    again = json.loads(record.read_text())
+    assert again["reused"] and again["train_seconds"] == 0.0 and again["test_accuracy"] == meta["test_accuracy"]

@@ -63,3 +63,22 @@ def test_cli_reads_the_wall_make_run_wrote(tmp_path, capsys):
     assert main(["bench", "overhead", "--results", str(res), "--out", str(tmp_path / "o.json")]) == 0
     assert "overhead: 28.3% of the wall clock" in capsys.readouterr().out
     assert json.loads((tmp_path / "o.json").read_text())["jobs"] == 3
+
+
+def test_the_extractors_training_and_a_sweeps_scoring_are_work(tmp_path):
+    res = tmp_path / "results"
+    # the shapes feature network: 30 s of training steps in a 34 s job (its record, as the extractor rule writes it)
+    (res / "artifacts").mkdir(parents=True)
+    (res / "artifacts" / "shapes-features-data2.json").write_text(json.dumps({"train_seconds": 30.0}))
+    _bench(res / "benchmarks" / "extractor" / "data2.tsv", 34.0)
+    # a sweep: one trial of 35 s of steps (the run above's windows), scored for 2.5 + 1.5 s (trials.csv)
+    sweep = res / "sweeps" / "s"
+    (sweep / "trials" / "0").mkdir(parents=True)
+    rows = [{"step": 1, "kimg": 0.5, "sec_per_kimg": 20.0}, {"step": 2, "kimg": 1.0, "sec_per_kimg": 30.0},
+            {"step": 4, "kimg": 2.0, "sec_per_kimg": 10.0}]
+    (sweep / "trials" / "0" / "stats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (sweep / "trials.csv").write_text("number,value,user_attrs_eval_seconds\n0,70.1,2.5\n1,80.2,1.5\n")
+    _bench(res / "benchmarks" / "sweeps" / "s.tsv", 45.0)
+    rules = {r["rule"]: r for r in breakdown(res, wall_s=50.0, cores=2)["rules"]}
+    assert rules["extractor"]["work_s"] == pytest.approx(30.0)
+    assert rules["sweeps"]["work_s"] == pytest.approx(35.0 + 4.0)

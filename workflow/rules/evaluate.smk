@@ -8,7 +8,8 @@
 
 rule extractor:
     output:
-        str(shapes_extractor_path("{version}", f"{RESULTS}/artifacts")),
+        weights=str(shapes_extractor_path("{version}", f"{RESULTS}/artifacts")),
+        record=f"{RESULTS}/artifacts/shapes-features-data{{version}}.json",
     log:
         f"{RESULTS}/logs/extractor-data{{version}}.log",
     benchmark:
@@ -19,7 +20,8 @@ rule extractor:
         "../envs/scm.yaml"
     threads: 1
     shell:
-        "scm data build-extractor --shapes-version {wildcards.version} --out {output} > {log} 2>&1"
+        "scm data build-extractor --shapes-version {wildcards.version} --out {output.weights} "
+        "--record {output.record} > {log} 2>&1"
 
 
 rule reference:
