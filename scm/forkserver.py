@@ -44,6 +44,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "M
                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
+PARENT_POLL_S = 2  # how often the server checks that the process that started it is still there
 REQUEST_TIMEOUT_S = 10  # reading a request; a command's child then waits on its client without a limit
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def decline_reason(request: dict, sources: dict[str, float], server_env: dict,
 
 def serve(path: str | Path, preload: tuple[str, ...] = PRELOAD) -> None:
     """Listen on `path`, import `preload`, then fork a child per command until SIGTERM or SIGINT."""
-    path = str(path)
+    path, parent = str(path), os.getppid()
     try:
         os.setsid()  # the terminal's Ctrl-C reaches the clients, which forward it: once, not twice
     except OSError:
@@ -199,7 +200,7 @@ def serve(path: str | Path, preload: tuple[str, ...] = PRELOAD) -> None:
     os.rename(f"{path}.{server_pid}", path)
     try:
         log.info("fork server on %s: %d modules imported (%s)", path, len(sys.modules), ", ".join(preload))
-        _serve_loop(listener, sources, server_env, set_by_import)
+        _serve_loop(listener, sources, server_env, set_by_import, parent)
     finally:
         if os.getpid() == server_pid:
             listener.close()
@@ -210,7 +211,7 @@ def serve(path: str | Path, preload: tuple[str, ...] = PRELOAD) -> None:
 
 
 def _serve_loop(listener: socket.socket, sources: dict[str, float], server_env: dict,
-                set_by_import: frozenset) -> None:
+                set_by_import: frozenset, parent: int) -> None:
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -222,9 +223,12 @@ def _serve_loop(listener: socket.socket, sources: dict[str, float], server_env: 
     children: dict[int, socket.socket] = {}
     while not stop:
         try:
-            ready, _, _ = select.select([listener, wake_r], [], [])
+            ready, _, _ = select.select([listener, wake_r], [], [], PARENT_POLL_S)
         except InterruptedError:
             continue
+        if os.getppid() != parent:  # whoever started the server is gone (make killed): stop, not linger
+            log.info("fork server: its parent %d exited", parent)
+            break
         if wake_r in ready:
             while True:
                 try:

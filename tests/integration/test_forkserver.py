@@ -165,3 +165,14 @@ def test_variables_the_imports_set_are_not_a_difference():
     assert forkserver.decline_reason(request, {}, server_env, set_by_import) is None
     request["env"]["TORCHINDUCTOR_CACHE_DIR"] = "/elsewhere"
     assert "TORCHINDUCTOR_CACHE_DIR" in forkserver.decline_reason(request, {}, server_env, set_by_import)
+
+
+def test_the_server_stops_when_the_process_that_started_it_is_gone(tmp_path):
+    path = tmp_path / "orphan.sock"
+    # a shell starts the server in the background, waits until it serves, and exits (as a killed `make run`)
+    script = (f"{sys.executable} -m scm.cli serve --socket {path} --preload json >{tmp_path / 'log'} 2>&1 & "
+              f"pid=$!; while [ ! -S {path} ]; do sleep 0.1; done; echo $pid")
+    out = subprocess.run(["sh", "-c", script], env=ENV, capture_output=True, text=True, check=True, timeout=120)
+    pid = int(out.stdout.strip())
+    wait_for(lambda: not _alive(pid), "the orphaned server to exit", 120)
+    assert not path.exists() and "exited" in (tmp_path / "log").read_text()
