@@ -180,7 +180,8 @@ def decline_reason(request: dict, sources: dict[str, float], server_env: dict,
 
 
 def serve(path: str | Path, preload: tuple[str, ...] = PRELOAD) -> None:
-    """Listen on `path`, import `preload`, then fork a child per command until SIGTERM or SIGINT."""
+    """Import `preload`, listen on `path`, then fork a child per command until SIGTERM or SIGINT, or until the
+    process that started the server is gone."""
     path, parent = str(path), os.getppid()
     try:
         os.setsid()  # the terminal's Ctrl-C reaches the clients, which forward it: once, not twice
@@ -271,7 +272,10 @@ def _accept(conn, listener, children, checks: tuple, wake) -> None:
         return
     reason = decline_reason(request, *checks) if len(fds) == 3 else "no stdio descriptors"
     if reason:
-        _send(conn, {"declined": reason})
+        try:
+            _send(conn, {"declined": reason})
+        except OSError:  # the client went meanwhile: nothing to tell
+            pass
         for fd in fds:
             os.close(fd)
         conn.close()
